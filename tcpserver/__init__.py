@@ -1,0 +1,3 @@
+"""A select() chat room: wire protocol, server and terminal client."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,287 @@
+"""The chat room's wire protocol, with no networking code in it.
+
+A frame is a 4-byte unsigned big-endian length followed by that many bytes
+of UTF-8 JSON holding one object with a ``"type"`` field.  See PROTOCOL.md.
+
+This is the only module in the project that builds or parses frames.  The
+select() server, the terminal client and the web gateway all use it:
+
+* ``FrameDecoder`` splits a byte stream into frame payloads;
+* ``parse_client_message`` / ``parse_server_message`` turn a payload into a
+  validated ``dict`` (never anything executable);
+* ``encode_frame`` / ``frame_payload`` build frames.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from typing import Any
+
+# 64 KiB holds a chat message hundreds of times longer than anyone types,
+# while keeping the memory one half-received frame can pin per client small.
+MAX_FRAME_SIZE = 64 * 1024
+
+# Text is capped well below the frame size so that the server's outgoing
+# frame (text plus sender label, sequence number and timestamp, with JSON
+# escaping of up to 6 bytes per character) always fits in MAX_FRAME_SIZE.
+MAX_TEXT_CHARS = 4000
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,32}")
+RESERVED_NAMES = frozenset({"server"})
+
+HEADER = struct.Struct("!I")
+
+# Leave reasons, carried by ``leave`` events and used in the server's log.
+LEAVE_REASONS = (
+    "quit",  # the member said goodbye
+    "hung_up",  # the connection closed or reset without a quit
+    "timed_out",  # silent past the idle timeout, or a frame left unfinished
+    "slow_reader",  # stopped reading: output backlog over the limit
+    "flooding",  # kept sending past the rate limit
+    "protocol_error",  # sent bytes that are not frames
+    "shutdown",  # the server is shutting down
+)
+
+# Machine-readable error codes sent in ``error`` frames.
+ERROR_CODES = (
+    "bad_frame",  # length 0 or over the maximum: the stream cannot be trusted
+    "bad_message",  # framing fine, content invalid (UTF-8, JSON, type, field)
+    "not_joined",  # a room command before hello
+    "already_joined",  # a second hello
+    "name_invalid",
+    "name_taken",
+    "no_such_member",  # private message to someone not in the room
+    "rate_limited",
+    "flooding",
+    "hello_timeout",
+    "idle_timeout",
+    "frame_timeout",
+    "slow_reader",
+    "server_full",
+    "too_many_connections",
+    "shutting_down",
+)
+
+
+class ProtocolError(Exception):
+    """Base class.  ``code`` is one of ERROR_CODES."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something that breaks the protocol."""
+
+
+class FrameError(RemoteProtocolError):
+    """A bad length header.  Frame boundaries are lost: close the connection."""
+
+
+class MessageError(RemoteProtocolError):
+    """A well-framed payload with bad content.  The stream is still in sync."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We tried to send something the protocol does not allow."""
+
+
+class FrameDecoder:
+    """Incremental splitter of a byte stream into frame payloads.
+
+    Feed bytes with ``receive_data``; call ``next_payload`` until it returns
+    None.  A bad length raises FrameError; after that the decoder is unusable,
+    because nothing tells where the next frame would start.
+    """
+
+    __slots__ = ("max_frame_size", "_buf", "_pos")
+
+    def __init__(self, max_frame_size: int = MAX_FRAME_SIZE) -> None:
+        self.max_frame_size = max_frame_size
+        self._buf = bytearray()
+        self._pos = 0  # start of unread data in _buf; compacted lazily
+
+    def receive_data(self, data: bytes) -> None:
+        if self._pos:
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held that do not yet make a whole frame."""
+        return len(self._buf) - self._pos
+
+    def next_payload(self) -> bytes | None:
+        """Return the next whole payload, or None if more data is needed.
+
+        Raises FrameError for a length of 0 or over ``max_frame_size``.
+        """
+        buf, pos = self._buf, self._pos
+        if len(buf) - pos < HEADER.size:
+            return None
+        (length,) = HEADER.unpack_from(buf, pos)
+        if length == 0:
+            raise FrameError("bad_frame", "frame length is 0")
+        if length > self.max_frame_size:
+            raise FrameError(
+                "bad_frame",
+                f"frame length {length} is over the limit of {self.max_frame_size}",
+            )
+        end = pos + HEADER.size + length
+        if len(buf) < end:
+            return None
+        self._pos = end
+        return bytes(buf[pos + HEADER.size : end])
+
+
+def frame_payload(payload: bytes, max_frame_size: int = MAX_FRAME_SIZE) -> bytes:
+    """Prefix an already-encoded JSON payload with its length header.
+
+    Raises LocalProtocolError if the payload is empty or too large.
+    """
+    if not payload or len(payload) > max_frame_size:
+        raise LocalProtocolError(
+            "bad_frame", f"payload of {len(payload)} bytes cannot be framed"
+        )
+    return HEADER.pack(len(payload)) + payload
+
+
+def encode_frame(message: dict[str, Any], max_frame_size: int = MAX_FRAME_SIZE) -> bytes:
+    """Encode one message object as a whole frame (header included)."""
+    payload = json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode()
+    return frame_payload(payload, max_frame_size)
+
+
+# --- validation ----------------------------------------------------------
+#
+# Each message type maps to {field: (type, required)}.  Unknown fields are
+# ignored so that newer peers can add fields without breaking older ones.
+
+_OPT_STR = (str, False)
+_STR = (str, True)
+_INT = (int, True)
+_OPT_INT = (int, False)
+_LIST = (list, True)
+_BOOL = (bool, True)
+_OPT_BOOL = (bool, False)
+
+CLIENT_MESSAGES: dict[str, dict[str, tuple[type, bool]]] = {
+    "hello": {"name": _STR, "forwarded_for": _OPT_STR},
+    "say": {"text": _STR},
+    "private": {"to": _STR, "text": _STR},
+    "who": {},
+    "history": {"after": _INT},
+    "ping": {"token": _OPT_STR},
+    "pong": {"token": _OPT_STR},
+    "quit": {},
+}
+
+SERVER_MESSAGES: dict[str, dict[str, tuple[type, bool]]] = {
+    "welcome": {
+        "name": _STR,
+        "label": _STR,
+        "last_seq": _INT,
+        "members": _LIST,
+        "more": _BOOL,
+        "history": _INT,
+    },
+    "members": {"members": _LIST, "more": _BOOL},
+    "message": {"seq": _INT, "from": _STR, "text": _STR, "ts": _INT},
+    "join": {"seq": _INT, "member": _STR, "ts": _INT},
+    "leave": {"seq": _INT, "member": _STR, "reason": _STR, "ts": _INT},
+    "private": {"from": _STR, "to": _STR, "text": _STR, "ts": _INT},
+    "history": {"after": _INT, "count": _INT, "missed": _INT},
+    "error": {"code": _STR, "message": _STR},
+    "shutdown": {"message": _STR},
+    "ping": {"token": _OPT_STR},
+    "pong": {"token": _OPT_STR},
+}
+
+# C0 controls other than tab and newline, DEL, and C1 controls could rewrite
+# a terminal user's screen; lone surrogates cannot be encoded as UTF-8.
+_FORBIDDEN_CHARS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def _decode_object(payload: bytes) -> dict[str, Any]:
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        raise MessageError("bad_message", "payload is not valid UTF-8") from None
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError):
+        # ValueError covers JSONDecodeError and over-long integer literals;
+        # RecursionError covers absurdly deep nesting.
+        raise MessageError("bad_message", "payload is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise MessageError("bad_message", "payload is not a JSON object")
+    return obj
+
+
+def _validate(obj: dict[str, Any], schema: dict[str, dict[str, tuple[type, bool]]]) -> dict[str, Any]:
+    kind = obj.get("type")
+    if not isinstance(kind, str):
+        raise MessageError("bad_message", "message has no string 'type' field")
+    fields = schema.get(kind)
+    if fields is None:
+        raise MessageError("bad_message", f"unknown message type {kind[:40]!r}")
+    for field, (expected, required) in fields.items():
+        value = obj.get(field)
+        if value is None:
+            if required:
+                raise MessageError("bad_message", f"{kind}: missing field {field!r}")
+            continue
+        # bool is a subclass of int, but true is not a sequence number.
+        if type(value) is not expected:
+            raise MessageError(
+                "bad_message", f"{kind}: field {field!r} must be {expected.__name__}"
+            )
+        if expected is str and _FORBIDDEN_CHARS.search(value):
+            raise MessageError(
+                "bad_message", f"{kind}: field {field!r} contains control characters"
+            )
+    return obj
+
+
+def parse_client_message(payload: bytes) -> dict[str, Any]:
+    """Validate a payload sent by a client; return the message object.
+
+    Checks types and fields only; room rules (name syntax, text length) are
+    the server's and are checked by ``check_name`` and ``check_text``.
+    Raises MessageError.
+    """
+    return _validate(_decode_object(payload), CLIENT_MESSAGES)
+
+
+def parse_server_message(payload: bytes) -> dict[str, Any]:
+    """Validate a payload sent by the server; return the message object.
+
+    Raises MessageError.
+    """
+    return _validate(_decode_object(payload), SERVER_MESSAGES)
+
+
+def check_name(name: str) -> None:
+    """Raise MessageError('name_invalid') unless ``name`` may be used."""
+    if not NAME_PATTERN.fullmatch(name):
+        raise MessageError(
+            "name_invalid",
+            "a name is 1-32 characters: letters, digits, '-', '_' and '.'",
+        )
+    if name.casefold() in RESERVED_NAMES:
+        raise MessageError("name_invalid", f"the name {name!r} is reserved")
+
+
+def check_text(text: str) -> None:
+    """Raise MessageError('bad_message') unless ``text`` may be sent."""
+    if not text.strip():
+        raise MessageError("bad_message", "message text is empty")
+    if len(text) > MAX_TEXT_CHARS:
+        raise MessageError(
+            "bad_message", f"message text is over {MAX_TEXT_CHARS} characters"
+        )
