@@ -151,10 +151,20 @@ def frame_payload(payload: bytes, max_frame_size: int = MAX_FRAME_SIZE) -> bytes
     return HEADER.pack(len(payload)) + payload
 
 
+def encode_payload(message: dict[str, Any]) -> bytes:
+    """Encode one message object as a payload (JSON, UTF-8, no header).
+
+    The web gateway sends payloads as WebSocket text; frames add the header.
+    """
+    return json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode()
+
+
 def encode_frame(message: dict[str, Any], max_frame_size: int = MAX_FRAME_SIZE) -> bytes:
-    """Encode one message object as a whole frame (header included)."""
-    payload = json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode()
-    return frame_payload(payload, max_frame_size)
+    """Encode one message object as a whole frame (header included).
+
+    Raises LocalProtocolError if it does not fit in ``max_frame_size``.
+    """
+    return frame_payload(encode_payload(message), max_frame_size)
 
 
 # --- validation ----------------------------------------------------------

@@ -1,0 +1,5 @@
+import sys
+
+from tcpserver.cli import main
+
+sys.exit(main())

@@ -1,0 +1,189 @@
+"""Shared fixtures: the real chat server as a subprocess, and a raw client."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tcpserver import protocol
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "tests" / "artifacts"
+LISTENING = re.compile(r"listening on (\S+):(\d+)")
+
+
+class ServerProcess:
+    """``python -m tcpserver --name=server --port=0`` in a subprocess.
+
+    ``port`` is read from the server's own ``listening on HOST:PORT`` log
+    line; the log goes to a file so a test can read it (``log_text()``).
+    """
+
+    def __init__(self, tmp_path: Path, *args: str) -> None:
+        self.log_path = tmp_path / f"server-{time.monotonic_ns()}.log"
+        self._log = open(self.log_path, "w+b")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tcpserver", "--name=server", "--port=0",
+             "--log-level=debug", *args],
+            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+        self.host, self.port = self._wait_listening()
+
+    def _wait_listening(self, timeout: float = 10.0) -> tuple[str, int]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = LISTENING.search(self.log_text())
+            if match:
+                return match.group(1), int(match.group(2))
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        self.kill()
+        raise RuntimeError(f"server did not start:\n{self.log_text()}")
+
+    def log_text(self) -> str:
+        return self.log_path.read_bytes().decode(errors="replace")
+
+    def wait_log(self, pattern: str, timeout: float = 5.0) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = re.search(pattern, self.log_text())
+            if match:
+                return match
+            time.sleep(0.02)
+        raise AssertionError(f"{pattern!r} not in server log:\n{self.log_text()}")
+
+    def terminate(self, timeout: float = 10.0) -> int:
+        """SIGTERM, wait, return the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        self._log.close()
+
+
+@pytest.fixture
+def start_server(tmp_path):
+    """Factory: ``start_server(*extra_cli_args) -> ServerProcess``.
+
+    Every server started is killed at teardown if the test left it running.
+    """
+    started: list[ServerProcess] = []
+
+    def start(*args: str) -> ServerProcess:
+        server = ServerProcess(tmp_path, *args)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.kill()
+
+
+@pytest.fixture
+def server(start_server) -> ServerProcess:
+    """A server with default limits but room for many test clients per IP."""
+    return start_server("--max-per-ip=200")
+
+
+class RawClient:
+    """A blocking test client on a real socket, speaking through the codec."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 5.0) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.decoder = protocol.FrameDecoder()
+        self.label: str | None = None
+
+    def send(self, message: dict) -> None:
+        self.sock.sendall(protocol.encode_frame(message))
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def recv(self, timeout: float = 5.0) -> dict:
+        """Next message from the server; raises EOFError if it closed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            payload = self.decoder.next_payload()
+            if payload is not None:
+                return protocol.parse_server_message(payload)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("no message from the server")
+            self.sock.settimeout(remaining)
+            data = self.sock.recv(65536)
+            if not data:
+                raise EOFError("server closed the connection")
+            self.decoder.receive_data(data)
+
+    def recv_until(self, predicate, timeout: float = 5.0) -> tuple[dict, list[dict]]:
+        """Read until ``predicate(msg)``; return it and everything before it."""
+        seen: list[dict] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = self.recv(max(0.01, deadline - time.monotonic()))
+            if predicate(msg):
+                return msg, seen
+            seen.append(msg)
+
+    def recv_type(self, kind: str, timeout: float = 5.0) -> dict:
+        return self.recv_until(lambda m: m["type"] == kind, timeout)[0]
+
+    def join(self, name: str) -> dict:
+        """hello, then read up to and including our own join; return welcome."""
+        self.send({"type": "hello", "name": name})
+        welcome = self.recv_type("welcome")
+        self.label = welcome["label"]
+        self.recv_until(lambda m: m["type"] == "join" and m["member"] == self.label)
+        return welcome
+
+    def closed_by_server(self, timeout: float = 5.0) -> bool:
+        """Drain until EOF or reset; True if the server closed us in time."""
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                self.recv(deadline - time.monotonic())
+        except (EOFError, ConnectionResetError):
+            return True
+        except TimeoutError:
+            return False
+        return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def connect(server):
+    """Factory: ``connect(name=None) -> RawClient`` to the ``server`` fixture;
+    with a name it also joins.  All are closed at teardown."""
+    clients: list[RawClient] = []
+
+    def make(name: str | None = None, port: int | None = None) -> RawClient:
+        client = RawClient(port or server.port)
+        clients.append(client)
+        if name is not None:
+            client.join(name)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+def pytest_configure(config):
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
