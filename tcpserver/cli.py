@@ -11,7 +11,7 @@ import argparse
 import logging
 import sys
 
-from tcpserver import server
+from tcpserver import server, settings
 
 DEFAULT_PORT = 10000
 DEFAULT_HTTP_PORT = 8080
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"web gateway port when run without --name (default {DEFAULT_HTTP_PORT})")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
-    server.add_arguments(parser.add_argument_group("server limits"))
+    settings.add_arguments(parser.add_argument_group("server limits"))
     return parser
 
 
@@ -56,6 +56,6 @@ def main(argv: list[str] | None = None) -> int:
         host=args.host,
         chat_port=args.port,
         http_port=args.http_port,
-        server_args=server.arguments_to_argv(args),
+        server_args=settings.arguments_to_argv(args),
         log_level=args.log_level,
     )

@@ -1,0 +1,700 @@
+"""The chat server: one thread, one selectors loop, non-blocking sockets.
+
+Each loop iteration (``_step``):
+
+1. waits in the selector;
+2. reads what is ready and handles whole frames, appending room events to
+   the shared ``RoomStream`` once each (never once per member);
+3. flushes: every client with pending bytes gets them in one ``send``.
+   Only a client whose kernel buffer is full registers ``EVENT_WRITE``, so an
+   idle server sleeps and a busy one makes no per-recipient selector calls.
+
+A client's private frames (welcome, errors, replies) wait in its own queue,
+each tagged with the room offset at which it was queued, so they interleave
+with the room stream exactly in the order the server produced them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import ipaddress
+import logging
+import os
+import resource
+import selectors
+import signal
+import socket
+import sys
+import time
+from collections import deque
+
+from tcpserver import protocol, settings
+from tcpserver.client_state import Client
+from tcpserver.room import History, RoomStream
+
+log = logging.getLogger(__name__)
+
+RECV_SIZE = 256 * 1024
+# A connect burst fills the accept queue in microseconds; the book's 5 drops
+# connections under load.  The kernel caps this at net.core.somaxconn.
+LISTEN_BACKLOG = 4096
+# select() cannot watch descriptors at or above FD_SETSIZE.
+FD_SETSIZE = 1024
+# How often timers (hello, idle, frame, closing) are checked.
+TICK = 0.25
+# How long a client we are closing gets to read its last frame and hang up.
+CLOSE_GRACE = 2.0
+# Room for the fields around a member list when packing it into frames.
+_MEMBERS_FRAME_SLACK = 512
+
+_BACKENDS = {
+    "auto": selectors.DefaultSelector,
+    "select": selectors.SelectSelector,
+    "poll": getattr(selectors, "PollSelector", None),
+    "epoll": getattr(selectors, "EpollSelector", None),
+}
+
+_LISTENER = "listener"
+_WAKEUP = "wakeup"
+_STDIN = "stdin"
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class ChatServer:
+    """The room.  ``serve_forever()`` runs until SIGINT/SIGTERM or ``quit``."""
+
+    def __init__(self, host: str, port: int, limits: settings.Limits,
+                 backend: str = "auto", trusted=settings.DEFAULT_TRUSTED_PROXIES) -> None:
+        selector_class = _BACKENDS[backend]
+        if selector_class is None:
+            raise ValueError(f"the {backend} backend is not available on this platform")
+        self.limits = limits
+        self.backend = backend
+        self.trusted = tuple(ipaddress.ip_network(t, strict=False) if isinstance(t, str) else t
+                             for t in trusted)
+        self.selector = selector_class()
+        self.listener = socket.create_server((host, port), backlog=LISTEN_BACKLOG,
+                                             family=_family(host), reuse_port=False)
+        self.listener.setblocking(False)
+        self.server_address = self.listener.getsockname()[:2]
+        self.selector.register(self.listener, selectors.EVENT_READ, _LISTENER)
+        self._accept_paused_until = 0.0
+
+        self.clients: dict[int, Client] = {}  # by fd
+        self.members: dict[str, Client] = {}  # by casefolded name
+        self.streaming: set[Client] = set()  # clients reading the room stream
+        self.dirty: set[Client] = set()  # clients with new private frames
+        self.per_ip: dict[str, int] = {}
+        self.room = RoomStream()
+        self.history = History(limits.history)
+        self.seq = 0
+        self._flushed_end = 0
+        self.now = time.monotonic()
+        self._next_tick = self.now
+        self.stopping = False
+        self._stop_requested = False
+        self._shutdown_deadline = 0.0
+        self._handlers = {
+            "hello": self._on_hello, "say": self._on_say, "private": self._on_private,
+            "who": self._on_who, "history": self._on_history, "ping": self._on_ping,
+            "pong": _ignore, "quit": self._on_quit,
+        }
+
+    # --- running -------------------------------------------------------
+
+    def serve_forever(self, watch_stdin: bool = False) -> int:
+        """Serve until asked to stop, then shut down gracefully; return 0."""
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        self.selector.register(wake_r, selectors.EVENT_READ, _WAKEUP)
+        old_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+        old_handlers = {sig: signal.signal(sig, self._on_signal)
+                        for sig in (signal.SIGINT, signal.SIGTERM)}
+        if watch_stdin:
+            self.selector.register(sys.stdin.fileno(), selectors.EVENT_READ, _STDIN)
+        log.info("listening on %s:%d", *self.server_address)
+        try:
+            while not (self.stopping and not self.clients):
+                self._step()
+                if self._stop_requested and not self.stopping:
+                    self._begin_shutdown()
+                if self.stopping and self.now >= self._shutdown_deadline:
+                    break
+        finally:
+            signal.set_wakeup_fd(old_wakeup)
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
+            for client in list(self.clients.values()):
+                self._close_now(client)
+            self.selector.close()
+            wake_r.close()
+            wake_w.close()
+            if not self.stopping:
+                self.listener.close()
+        log.info("stopped")
+        return 0
+
+    def _on_signal(self, signum, frame) -> None:
+        # Only set a flag: the wakeup fd makes select() return at once.
+        self._stop_requested = True
+
+    def _step(self) -> None:
+        timeout = self._select_timeout()
+        try:
+            events = self.selector.select(timeout)
+        except InterruptedError:
+            events = []
+        self.now = time.monotonic()
+        for key, mask in events:
+            tag = key.data
+            if tag is _LISTENER:
+                self._accept()
+            elif tag is _WAKEUP:
+                _drain(key.fileobj)
+            elif tag is _STDIN:
+                self._read_stdin()
+            else:
+                if key.fd not in self.clients:
+                    continue  # closed earlier in this batch
+                if mask & selectors.EVENT_READ:
+                    self._on_readable(tag)
+                if mask & selectors.EVENT_WRITE and not tag.closed:
+                    self._flush(tag)
+        self._flush_all()
+        if self.now >= self._next_tick:
+            self._next_tick = self.now + TICK
+            self._check_timers()
+
+    def _select_timeout(self) -> float | None:
+        if self._stop_requested and not self.stopping:
+            return 0
+        if self.room.end > self._flushed_end or self.dirty:
+            return 0  # evictions during the last flush left work to do
+        if not self.clients and not self.stopping and not self._accept_paused_until:
+            return None  # nothing can time out: sleep until something happens
+        return max(0.0, self._next_tick - time.monotonic())
+
+    # --- accepting -----------------------------------------------------
+
+    def _accept(self) -> None:
+        # Accept until the queue is empty: one readiness event may stand for
+        # hundreds of connections during a connect burst.
+        while True:
+            try:
+                sock, addr = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of descriptors: the listener would stay readable and
+                    # spin the loop, so stop watching it for a moment.
+                    log.warning("accept paused for 1 s: %s", exc)
+                    self.selector.unregister(self.listener)
+                    self._accept_paused_until = self.now + 1.0
+                    return
+                log.info("accept failed: %s", exc)  # e.g. ECONNABORTED
+                continue
+            self._admit(sock, addr[0])
+
+    def _admit(self, sock: socket.socket, ip: str) -> None:
+        sock.setblocking(False)
+        fd = sock.fileno()
+        if self.backend == "select" and fd >= FD_SETSIZE:
+            return self._refuse(sock, ip, "server_full",
+                                "the server has no room for another connection")
+        if len(self.clients) >= self.limits.max_clients:
+            return self._refuse(sock, ip, "server_full", "the server is full")
+        if self.per_ip.get(ip, 0) >= self.limits.max_per_ip:
+            return self._refuse(sock, ip, "too_many_connections",
+                                f"too many connections from {ip}")
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            client = Client(sock, ip, self.now, self.limits)
+            self.selector.register(sock, selectors.EVENT_READ, client)
+        except (OSError, ValueError) as exc:
+            return self._refuse(sock, ip, "server_full", f"cannot watch connection: {exc}")
+        self.clients[fd] = client
+        self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+        log.debug("connect from %s (fd %d)", ip, fd)
+
+    def _refuse(self, sock: socket.socket, ip: str, code: str, message: str) -> None:
+        log.warning("refused %s: %s", ip, message)
+        try:
+            sock.send(protocol.encode_frame({"type": "error", "code": code, "message": message}))
+            # Read what the peer already sent: closing with unread input
+            # sends a reset, which can destroy the error frame in flight.
+            _drain(sock)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            log.debug("refusal to %s not delivered: %s", ip, exc)
+        sock.close()
+
+    # --- reading -------------------------------------------------------
+
+    def _on_readable(self, client: Client) -> None:
+        try:
+            data = client.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.debug("%s: recv failed: %s", client, exc)
+            return self._drop(client, "hung_up")
+        if not data:
+            return self._drop(client, "hung_up")
+        client.last_recv = self.now
+        client.pinged = False
+        if client.closing:
+            return  # read only to see the peer hang up
+        decoder = client.decoder
+        decoder.receive_data(data)
+        while not client.closing:
+            try:
+                payload = decoder.next_payload()
+            except protocol.FrameError as exc:
+                return self._fail(client, exc.code, exc.message, "protocol_error")
+            if payload is None:
+                break
+            if not self._take_token(client):
+                continue
+            try:
+                message = protocol.parse_client_message(payload)
+                self._handlers[message["type"]](client, message)
+            except protocol.MessageError as exc:
+                self._send_error(client, exc.code, exc.message)
+        if decoder.buffered:
+            if not client.partial_since:
+                client.partial_since = self.now
+        else:
+            client.partial_since = 0.0
+
+    def _take_token(self, client: Client) -> bool:
+        """Token bucket.  False (frame dropped) when the client is over rate."""
+        limits = self.limits
+        tokens = min(limits.msg_burst,
+                     client.tokens + (self.now - client.token_time) * limits.msg_rate)
+        client.token_time = self.now
+        if tokens >= 1:
+            client.tokens = tokens - 1
+            client.strikes = 0
+            return True
+        client.tokens = tokens
+        client.strikes += 1
+        if client.strikes > limits.flood_strikes:
+            self._fail(client, "flooding", "disconnected for flooding", "flooding")
+        elif client.strikes == 1:
+            # One error per streak: a flooder is not also sent a flood.
+            self._send_error(client, "rate_limited",
+                             f"slow down: at most {limits.msg_rate:g} messages a second")
+        return False
+
+    def _read_stdin(self) -> None:
+        data = os.read(sys.stdin.fileno(), 4096)
+        if not data:
+            # EOF on the terminal must not stop the server; just stop watching.
+            self.selector.unregister(sys.stdin.fileno())
+            return
+        if any(line.strip() == b"quit" for line in data.splitlines()):
+            log.info("quit typed on the console")
+            self._stop_requested = True
+
+    # --- handlers ------------------------------------------------------
+
+    def _on_hello(self, client: Client, message: dict) -> None:
+        if client.name is not None:
+            raise protocol.MessageError("already_joined", "you are already in the room")
+        name = message["name"]
+        protocol.check_name(name)
+        address = self._client_address(client, message.get("forwarded_for"))
+        if address != client.ip:
+            self._count_ip(client.ip, -1)
+            client.ip = address
+            self._count_ip(address, +1)
+            if self.per_ip[address] > self.limits.max_per_ip:
+                return self._fail(client, "too_many_connections",
+                                  f"too many connections from {address}", "hung_up")
+        key = name.casefold()
+        if key in self.members:
+            raise protocol.MessageError("name_taken", f"the name {name!r} is taken")
+        client.name = name
+        client.label = f"{name}@{address}"
+        self.members[key] = client
+        # The welcome and replayed history are queued at the current end of
+        # the stream, and the member reads the stream from here: so its own
+        # join follows them, and nothing is missed or seen twice.
+        history = list(self.history.after(0)[0])
+        chunks = self._member_chunks()
+        self._queue(client, protocol.encode_frame(
+            {"type": "welcome", "name": name, "label": client.label, "last_seq": self.seq,
+             "members": chunks[0], "more": len(chunks) > 1, "history": len(history)},
+            self.limits.max_frame))
+        self._queue_member_chunks(client, chunks[1:])
+        for frame in history:
+            self._queue(client, frame)
+        client.pos = self.room.end
+        self.streaming.add(client)
+        log.info("%s joined", client.label)
+        self._publish({"type": "join", "seq": 0, "member": client.label, "ts": _now_ms()})
+
+    def _client_address(self, client: Client, forwarded: str | None) -> str:
+        if forwarded is None:
+            return client.ip
+        peer = ipaddress.ip_address(client.ip)
+        if not any(peer in net for net in self.trusted):
+            log.info("%s: ignored forwarded_for from an untrusted peer", client.ip)
+            return client.ip
+        try:
+            return str(ipaddress.ip_address(forwarded))
+        except ValueError:
+            raise protocol.MessageError("bad_message", "forwarded_for is not an IP address")
+
+    def _on_say(self, client: Client, message: dict) -> None:
+        self._require_member(client)
+        protocol.check_text(message["text"])
+        self._publish({"type": "message", "seq": 0, "from": client.label,
+                       "text": message["text"], "ts": _now_ms()})
+
+    def _on_private(self, client: Client, message: dict) -> None:
+        self._require_member(client)
+        protocol.check_text(message["text"])
+        name = message["to"].split("@", 1)[0]
+        target = self.members.get(name.casefold())
+        if target is None or (message["to"] != name and message["to"] != target.label):
+            raise protocol.MessageError("no_such_member", f"no one called {message['to']!r}")
+        frame = protocol.encode_frame(
+            {"type": "private", "from": client.label, "to": target.label,
+             "text": message["text"], "ts": _now_ms()}, self.limits.max_frame)
+        self._queue(target, frame)
+        if target is not client:
+            self._queue(client, frame)
+
+    def _on_who(self, client: Client, message: dict) -> None:
+        self._require_member(client)
+        chunks = self._member_chunks()
+        self._queue_member_chunks(client, chunks)
+
+    def _on_history(self, client: Client, message: dict) -> None:
+        self._require_member(client)
+        frames, missed = self.history.after(message["after"])
+        self._queue(client, protocol.encode_frame(
+            {"type": "history", "after": message["after"], "count": len(frames),
+             "missed": missed}))
+        for frame in frames:
+            self._queue(client, frame)
+
+    def _on_ping(self, client: Client, message: dict) -> None:
+        reply = {"type": "pong"}
+        if message.get("token") is not None:
+            reply["token"] = message["token"]
+        self._queue(client, protocol.encode_frame(reply, self.limits.max_frame))
+
+    def _on_quit(self, client: Client, message: dict) -> None:
+        self._leave(client, "quit")
+        self._start_closing(client)
+
+    def _require_member(self, client: Client) -> None:
+        if client.name is None:
+            raise protocol.MessageError("not_joined", "say hello first")
+
+    def _member_chunks(self) -> list[list[str]]:
+        """Member labels split so that each list fits in one frame."""
+        budget = self.limits.max_frame - _MEMBERS_FRAME_SLACK
+        chunks: list[list[str]] = [[]]
+        size = 0
+        for member in self.members.values():
+            cost = len(member.label.encode()) + 3  # quotes and comma
+            if size + cost > budget and chunks[-1]:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(member.label)
+            size += cost
+        return chunks
+
+    def _queue_member_chunks(self, client: Client, chunks: list[list[str]]) -> None:
+        for i, chunk in enumerate(chunks):
+            self._queue(client, protocol.encode_frame(
+                {"type": "members", "members": chunk, "more": i < len(chunks) - 1}))
+
+    # --- output --------------------------------------------------------
+
+    def _publish(self, event: dict) -> None:
+        """Append a room event (its "seq" placeholder filled in) for everyone."""
+        self.seq += 1
+        event["seq"] = self.seq
+        frame = protocol.encode_frame(event, self.limits.max_frame)
+        self.room.append(frame)
+        self.history.append(self.seq, frame)
+
+    def _queue(self, client: Client, frame: bytes) -> None:
+        client.queue.append((self.room.end, frame))
+        client.queued_bytes += len(frame)
+        self.dirty.add(client)
+
+    def _send_error(self, client: Client, code: str, message: str) -> None:
+        self._queue(client, protocol.encode_frame(
+            {"type": "error", "code": code, "message": message}))
+
+    def _flush_all(self) -> None:
+        """Send pending bytes to every client that has some."""
+        room_end = self.room.end
+        if room_end > self._flushed_end:
+            self._flushed_end = room_end
+            targets = list(self.streaming)
+            targets.extend(self.dirty.difference(self.streaming))
+        else:
+            targets = list(self.dirty)
+        self.dirty.clear()
+        for client in targets:
+            if client.closed:
+                continue
+            if client.writing:
+                # Blocked on a full kernel buffer: EVENT_WRITE will tell us.
+                # Only check the backlog, so a stalled reader is evicted.
+                self._check_backlog(client)
+            else:
+                self._flush(client)
+        if self.streaming:
+            self.room.trim(min(c.pos for c in self.streaming))
+        else:
+            self.room.trim(self.room.end)
+
+    def _flush(self, client: Client) -> None:
+        room = self.room
+        end = room.end if client.stop_at is None else client.stop_at
+        pos = client.pos
+        views: list[memoryview] = []
+        buffers: list = []
+        for offset, frame in client.queue:
+            if pos is not None and pos < offset:
+                view = room.view(pos, offset)
+                views.append(view)
+                buffers.append(view)
+                pos = offset
+            buffers.append(frame)
+        if pos is not None and pos < end:
+            view = room.view(pos, end)
+            views.append(view)
+            buffers.append(view)
+        if not buffers:
+            return self._flushed(client)
+        try:
+            if len(buffers) == 1:
+                sent = client.sock.send(buffers[0])
+            else:
+                sent = client.sock.sendmsg(buffers[:_IOV_MAX])
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            sent = -1
+            failure = exc
+        finally:
+            for view in views:
+                view.release()
+        if sent < 0:
+            log.debug("%s: send failed: %s", client, failure)
+            return self._drop(client, "hung_up")
+        client.advance(sent)
+        if client.pending(end):
+            if not self._check_backlog(client):
+                return
+            if not client.writing:
+                client.writing = True
+                self.selector.modify(client.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
+                                     client)
+        else:
+            self._flushed(client)
+
+    def _flushed(self, client: Client) -> None:
+        if client.writing:
+            client.writing = False
+            self.selector.modify(client.sock, selectors.EVENT_READ, client)
+        if client.closing and not client.fin_sent:
+            # All said: send FIN, but keep reading until the peer hangs up so
+            # that our last frame is not destroyed by a reset.
+            client.fin_sent = True
+            try:
+                client.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                self._close_now(client)
+
+    def _check_backlog(self, client: Client) -> bool:
+        """Evict a client whose unsent output is over the limit; False if so."""
+        end = self.room.end if client.stop_at is None else client.stop_at
+        backlog = client.pending(end)
+        if backlog <= self.limits.slow_reader_bytes:
+            return True
+        log.warning("%s: evicted as a slow reader (%d bytes unsent)", client, backlog)
+        self._leave(client, "slow_reader")
+        self._close_now(client)
+        return False
+
+    # --- leaving and closing -------------------------------------------
+
+    def _leave(self, client: Client, reason: str) -> None:
+        """Take a member out of the room and tell the room why."""
+        if client.name is None or self.members.get(client.name.casefold()) is not client:
+            return
+        del self.members[client.name.casefold()]
+        log.info("%s left (%s)", client.label, reason)
+        self._publish({"type": "leave", "seq": 0, "member": client.label,
+                       "reason": reason, "ts": _now_ms()})
+        # A leaving member still gets the stream up to its own leave.
+        client.stop_at = self.room.end
+
+    def _fail(self, client: Client, code: str, message: str, reason: str) -> None:
+        """Tell the client what it did wrong, take it out, and close."""
+        log.info("%s: %s (%s)", client, message, code)
+        self._send_error(client, code, message)
+        self._leave(client, reason)
+        self._start_closing(client)
+
+    def _drop(self, client: Client, reason: str) -> None:
+        """The connection is gone or useless: close it now."""
+        if client.closed:
+            return
+        self._leave(client, reason)
+        self._close_now(client)
+
+    def _start_closing(self, client: Client) -> None:
+        client.closing = True
+        client.close_deadline = self.now + CLOSE_GRACE
+        self.dirty.add(client)
+
+    def _close_now(self, client: Client) -> None:
+        if client.closed:
+            return
+        client.closed = True
+        if client.name is not None and self.members.get(client.name.casefold()) is client:
+            del self.members[client.name.casefold()]
+        self.clients.pop(client.fd, None)
+        self.streaming.discard(client)
+        self.dirty.discard(client)
+        self._count_ip(client.ip, -1)
+        try:
+            self.selector.unregister(client.sock)
+        except (KeyError, ValueError):
+            pass
+        client.sock.close()
+        log.debug("closed %s", client)
+
+    def _count_ip(self, ip: str, delta: int) -> None:
+        count = self.per_ip.get(ip, 0) + delta
+        if count > 0:
+            self.per_ip[ip] = count
+        else:
+            self.per_ip.pop(ip, None)
+
+    # --- timers and shutdown -------------------------------------------
+
+    def _check_timers(self) -> None:
+        now, limits = self.now, self.limits
+        if self._accept_paused_until and now >= self._accept_paused_until:
+            self._accept_paused_until = 0.0
+            if not self.stopping:
+                self.selector.register(self.listener, selectors.EVENT_READ, _LISTENER)
+        for client in list(self.clients.values()):
+            if client.closed:
+                continue
+            if client.closing:
+                if now >= client.close_deadline:
+                    self._close_now(client)
+            elif client.name is None and now - client.connected_at > limits.hello_timeout:
+                self._fail(client, "hello_timeout",
+                           f"no hello within {limits.hello_timeout:g} s", "timed_out")
+            elif client.partial_since and now - client.partial_since > limits.frame_timeout:
+                self._fail(client, "frame_timeout",
+                           f"frame not finished within {limits.frame_timeout:g} s", "timed_out")
+            elif now - client.last_recv > limits.idle_timeout:
+                self._fail(client, "idle_timeout",
+                           f"silent for {limits.idle_timeout:g} s", "timed_out")
+            elif not client.pinged and now - client.last_recv > limits.idle_timeout / 2:
+                client.pinged = True
+                self._queue(client, protocol.encode_frame({"type": "ping", "token": "idle"}))
+
+    def _begin_shutdown(self) -> None:
+        """Stop accepting, tell everyone, and let the loop flush and close."""
+        log.info("shutting down: %d clients", len(self.clients))
+        self.stopping = True
+        self._shutdown_deadline = self.now + self.limits.shutdown_grace
+        if not self._accept_paused_until:
+            self.selector.unregister(self.listener)
+        self.listener.close()
+        frame = protocol.encode_frame({"type": "shutdown",
+                                       "message": "the server is shutting down"})
+        # Members get the notice after every room event accepted before it.
+        self.room.append(frame)
+        for client in list(self.clients.values()):
+            if client.closing:
+                continue
+            if client in self.streaming:
+                client.stop_at = self.room.end
+            else:
+                self._queue(client, frame)
+            if client.name is not None:
+                log.info("%s left (shutdown)", client.label)
+            client.closing = True
+            client.close_deadline = self._shutdown_deadline
+            self.dirty.add(client)
+        self.members.clear()
+
+
+# sendmsg() takes at most IOV_MAX buffers; the rest go in the next call.
+_IOV_MAX = 1024
+
+
+def _ignore(client: Client, message: dict) -> None:
+    """A pong needs no answer; receiving it already reset the idle timer."""
+
+
+def _drain(sock: socket.socket) -> None:
+    try:
+        while sock.recv(65536):
+            pass
+    except (BlockingIOError, InterruptedError):
+        pass
+
+
+def _family(host: str) -> socket.AddressFamily:
+    try:
+        return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return socket.AF_INET  # a host name: create_server resolves it
+
+
+def _raise_descriptor_limit(wanted: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        log.debug("descriptor limit raised from %d to %d", soft, target)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the server from parsed ``chatroom`` options; return the exit code."""
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        limits = settings.limits_from_args(args)
+        trusted = settings.trusted_networks(args)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    _raise_descriptor_limit(limits.max_clients + 64)
+    try:
+        server = ChatServer(args.host, args.port, limits, args.backend, trusted)
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        log.error("cannot listen on %s:%d: %s", args.host, args.port, reason)
+        return 1
+    return server.serve_forever(watch_stdin=_interactive_stdin())
+
+
+def _interactive_stdin() -> bool:
+    try:
+        return sys.stdin is not None and os.isatty(sys.stdin.fileno())
+    except (OSError, ValueError):
+        return False

@@ -1,0 +1,107 @@
+"""The server's limits: named defaults, command-line options, validation."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+from dataclasses import dataclass, fields
+
+from tcpserver import protocol
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Loopback is trusted by default so that the web gateway, which runs on the
+# same machine, can forward its browsers' real addresses.
+DEFAULT_TRUSTED_PROXIES = ("127.0.0.0/8", "::1/128")
+
+
+@dataclass(frozen=True)
+class Limits:
+    # Largest frame payload accepted or sent.
+    max_frame: int = protocol.MAX_FRAME_SIZE
+    # Connections of any state.  Redis defaults to 10000; each idle client
+    # here costs a few KiB, so the descriptor limit binds first.
+    max_clients: int = 10_000
+    # Enough for a household behind one NAT, few enough that one host
+    # cannot take the room's seats.
+    max_per_ip: int = 32
+    # A real client says hello at once; 10 s allows for a slow mobile link.
+    hello_timeout: float = 10.0
+    # Silence for half of this draws a ping; for all of it, a disconnect.
+    idle_timeout: float = 60.0
+    # A frame begun must be finished this soon, so a trickle of bytes
+    # cannot hold a connection and a buffer forever.
+    frame_timeout: float = 15.0
+    # Token bucket: a person types well under 10 messages a second; a
+    # burst of 30 absorbs pastes and reconnect catch-up.
+    msg_rate: float = 10.0
+    msg_burst: int = 30
+    # Frames dropped in a row for the rate before the client is cut off.
+    flood_strikes: int = 100
+    # Output backlog past which a client is evicted as a slow reader; this
+    # also bounds the shared room buffer.
+    slow_reader_bytes: int = 1024 * 1024
+    # Room events kept for welcome and history requests.
+    history: int = 100
+    # How long shutdown waits for clients to take their last bytes.
+    shutdown_grace: float = 5.0
+
+
+# (option, Limits field, type, help)
+_OPTIONS = (
+    ("--max-frame", "max_frame", int, "largest frame payload in bytes"),
+    ("--max-clients", "max_clients", int, "most connections at once"),
+    ("--max-per-ip", "max_per_ip", int, "most connections from one address"),
+    ("--hello-timeout", "hello_timeout", float, "seconds to send hello"),
+    ("--idle-timeout", "idle_timeout", float, "seconds of silence before disconnect"),
+    ("--frame-timeout", "frame_timeout", float, "seconds to finish a frame once begun"),
+    ("--msg-rate", "msg_rate", float, "messages per second per client"),
+    ("--msg-burst", "msg_burst", int, "burst allowance of the rate limit"),
+    ("--flood-strikes", "flood_strikes", int, "rate-limited frames in a row before disconnect"),
+    ("--slow-reader-bytes", "slow_reader_bytes", int, "output backlog before eviction"),
+    ("--history", "history", int, "room events kept for history"),
+    ("--shutdown-grace", "shutdown_grace", float, "seconds to flush on shutdown"),
+)
+
+
+def add_arguments(group: argparse._ActionsContainer) -> None:
+    """Add the server's options (limits, backend, trusted proxies) to a parser."""
+    defaults = Limits()
+    for option, field, kind, text in _OPTIONS:
+        group.add_argument(option, dest=field, type=kind, default=getattr(defaults, field),
+                           help=f"{text} (default {getattr(defaults, field)})")
+    group.add_argument("--backend", default="auto", choices=["auto", "select", "poll", "epoll"],
+                       help="selector backend; auto is the platform's best (epoll on Linux)")
+    group.add_argument("--trusted-proxy", action="append", default=None, metavar="ADDR",
+                       help="address or CIDR whose forwarded client address is honoured; "
+                       "repeatable (default: loopback)")
+
+
+def limits_from_args(args: argparse.Namespace) -> Limits:
+    """Build Limits from parsed options; raise ValueError if one is out of range."""
+    limits = Limits(**{f.name: getattr(args, f.name) for f in fields(Limits)})
+    for f in fields(Limits):
+        if getattr(limits, f.name) <= 0:
+            raise ValueError(f"--{f.name.replace('_', '-')} must be positive")
+    return limits
+
+
+def trusted_networks(args: argparse.Namespace) -> tuple[IPNetwork, ...]:
+    """Parse --trusted-proxy values; raise ValueError for a bad address."""
+    values = args.trusted_proxy if args.trusted_proxy is not None else DEFAULT_TRUSTED_PROXIES
+    return tuple(ipaddress.ip_network(v, strict=False) for v in values)
+
+
+def arguments_to_argv(args: argparse.Namespace) -> list[str]:
+    """The server options in ``args`` that differ from the defaults, as argv.
+
+    Lets ``chatroom`` (server plus gateway) pass them on to the server process.
+    """
+    defaults = Limits()
+    argv = [f"{option}={getattr(args, field)}" for option, field, _, _ in _OPTIONS
+            if getattr(args, field) != getattr(defaults, field)]
+    if args.backend != "auto":
+        argv.append(f"--backend={args.backend}")
+    for proxy in args.trusted_proxy or ():
+        argv.append(f"--trusted-proxy={proxy}")
+    return argv
