@@ -167,13 +167,13 @@ class RawClient:
 
 
 @pytest.fixture
-def connect(server):
-    """Factory: ``connect(name=None) -> RawClient`` to the ``server`` fixture;
-    with a name it also joins.  All are closed at teardown."""
+def open_client():
+    """Factory: ``open_client(port, name=None) -> RawClient``; with a name it
+    also joins.  All are closed at teardown."""
     clients: list[RawClient] = []
 
-    def make(name: str | None = None, port: int | None = None) -> RawClient:
-        client = RawClient(port or server.port)
+    def make(port: int, name: str | None = None) -> RawClient:
+        client = RawClient(port)
         clients.append(client)
         if name is not None:
             client.join(name)
@@ -182,6 +182,16 @@ def connect(server):
     yield make
     for client in clients:
         client.close()
+
+
+@pytest.fixture
+def connect(server, open_client):
+    """Factory: ``connect(name=None) -> RawClient`` to the ``server`` fixture."""
+
+    def make(name: str | None = None, port: int | None = None) -> RawClient:
+        return open_client(port or server.port, name)
+
+    return make
 
 
 def pytest_configure(config):
