@@ -1,0 +1,253 @@
+"""Every class of bad input: the offender gets a clear error, while the other
+members keep chatting and lose nothing that was accepted."""
+
+import random
+import socket
+import struct
+import time
+
+import pytest
+
+from tcpserver import protocol
+
+FAST_TIMEOUTS = ("--max-per-ip=100", "--hello-timeout=1", "--frame-timeout=1")
+
+
+@pytest.fixture
+def room(start_server, open_client):
+    """A server with short timers, and two members already chatting."""
+    server = start_server(*FAST_TIMEOUTS)
+    alice = open_client(server.port, "alice")
+    bob = open_client(server.port, "bob")
+    alice.recv_type("join")  # bob's
+    return server, alice, bob
+
+
+def chat_survives(alice, bob, tag: str, count: int = 5) -> None:
+    """alice says ``count`` lines; bob gets exactly those, in order, and
+    nothing from alice that came earlier is missing."""
+    for i in range(count):
+        alice.send({"type": "say", "text": f"{tag} {i}"})
+    got = []
+    while len(got) < count:
+        msg = bob.recv()
+        if msg["type"] == "message" and msg["text"].startswith(tag):
+            got.append(msg["text"])
+    assert got == [f"{tag} {i}" for i in range(count)]
+
+
+def test_random_bytes(room, open_client):
+    server, alice, bob = room
+    chat_survives(alice, bob, "before")
+    intruder = open_client(server.port)
+    intruder.send_raw(random.Random(7).randbytes(4096))
+    error = intruder.recv_type("error")
+    assert error["code"] == "bad_frame"
+    assert intruder.closed_by_server()
+    chat_survives(alice, bob, "after")
+
+
+@pytest.mark.parametrize("header", [b"\xff" * 4, struct.pack(">I", 64 * 1024 + 1),
+                                    b"\x00\x00\x00\x00"], ids=["ff", "max+1", "zero"])
+def test_bad_length_from_a_member(room, open_client, header):
+    server, alice, bob = room
+    mallory = open_client(server.port, "mallory")
+    chat_survives(alice, bob, "before")
+    mallory.send_raw(header + b"x" * 64)
+    error = mallory.recv_type("error")
+    assert error["code"] == "bad_frame"
+    assert mallory.closed_by_server()
+    leave = bob.recv_type("leave")
+    assert (leave["member"], leave["reason"]) == ("mallory@127.0.0.1", "protocol_error")
+    chat_survives(alice, bob, "after")
+
+
+def test_huge_length_reserves_no_memory(room, open_client):
+    server, alice, bob = room
+    intruder = open_client(server.port)
+    intruder.send_raw(b"\x7f\xff\xff\xff" + b"A" * 100)
+    assert intruder.recv()["code"] == "bad_frame"
+    chat_survives(alice, bob, "after")
+
+
+@pytest.mark.parametrize("payload, fragment", [
+    (b"\xc3\x28 not utf-8", "UTF-8"),
+    (b"{not json", "JSON"),
+    (b"[]", "object"),
+    (b'{"type": "say", "text": 42}', "must be str"),
+    (b'{"type": "nuke"}', "unknown"),
+    (b'{"type": "say", "text": ""}', "empty"),
+    (b'{"type": "say", "text": "\\u001b]0;pwned\\u0007"}', "control"),
+], ids=["utf8", "json", "array", "type", "unknown", "empty", "control"])
+def test_bad_payload_is_skipped_and_the_sender_stays(room, open_client, payload, fragment):
+    server, alice, bob = room
+    mallory = open_client(server.port, "mallory")
+    mallory.send_raw(protocol.frame_payload(payload))
+    error = mallory.recv_type("error")
+    assert error["code"] == "bad_message"
+    assert fragment in error["message"]
+    # The frame was skipped but the stream is still in sync.
+    mallory.send({"type": "say", "text": "still framed"})
+    assert bob.recv_type("message")["text"] == "still framed"
+    chat_survives(alice, bob, "after")
+
+
+def test_text_over_the_limit(room, open_client):
+    server, alice, bob = room
+    alice.send({"type": "say", "text": "x" * (protocol.MAX_TEXT_CHARS + 1)})
+    assert alice.recv_type("error")["code"] == "bad_message"
+    chat_survives(alice, bob, "after")
+
+
+def test_room_commands_before_hello(room, open_client):
+    server, alice, bob = room
+    stranger = open_client(server.port)
+    for message in ({"type": "say", "text": "hi"}, {"type": "who"},
+                    {"type": "history", "after": 0},
+                    {"type": "private", "to": "alice", "text": "hi"}):
+        stranger.send(message)
+        assert stranger.recv()["code"] == "not_joined"
+    stranger.join("stranger")  # still allowed to join afterwards
+    chat_survives(alice, bob, "after")
+
+
+def test_no_hello_within_the_timeout(room, open_client):
+    server, alice, bob = room
+    silent = open_client(server.port)
+    start = time.monotonic()
+    error = silent.recv(timeout=5)
+    assert error["code"] == "hello_timeout"
+    assert 0.8 < time.monotonic() - start < 4
+    assert silent.closed_by_server()
+    chat_survives(alice, bob, "after")
+
+
+def test_hello_trickled_a_byte_at_a_time_times_out(room, open_client):
+    server, alice, bob = room
+    trickler = open_client(server.port)
+    frame = protocol.encode_frame({"type": "hello", "name": "slowpoke"})
+    for byte in frame[:8]:  # all of it would take 5 s; the timeout is 1 s
+        trickler.send_raw(bytes([byte]))
+        time.sleep(0.2)
+    assert trickler.recv()["code"] == "hello_timeout"
+    assert trickler.closed_by_server()
+    chat_survives(alice, bob, "after")
+    assert "slowpoke" not in server.log_text()
+
+
+def test_member_trickling_a_frame_is_cut_off(room, open_client):
+    server, alice, bob = room
+    mallory = open_client(server.port, "mallory")
+    frame = protocol.encode_frame({"type": "say", "text": "x" * 100})
+    try:
+        for byte in frame[:40]:
+            mallory.send_raw(bytes([byte]))  # each byte resets idle, not the frame timer
+            time.sleep(0.1)
+    except ConnectionError:
+        pass
+    error = mallory.recv_type("error", timeout=5)
+    assert error["code"] == "frame_timeout"
+    leave = bob.recv_type("leave")
+    assert (leave["member"], leave["reason"]) == ("mallory@127.0.0.1", "timed_out")
+    chat_survives(alice, bob, "after")
+
+
+def test_idle_member_is_pinged_then_timed_out(start_server, open_client):
+    server = start_server("--max-per-ip=100", "--idle-timeout=3")
+    alice = open_client(server.port, "alice")
+    bob = open_client(server.port, "bob")
+    idle = open_client(server.port, "idle")
+    assert idle.recv_type("ping", timeout=5)["token"] == "idle"
+    # alice and bob answer their pings; idle does not.
+    for member in (alice, bob):
+        member.recv_type("ping", timeout=5)
+        member.send({"type": "pong", "token": "idle"})
+    assert idle.recv_type("error", timeout=5)["code"] == "idle_timeout"
+    leave = bob.recv_type("leave", timeout=4)
+    assert (leave["member"], leave["reason"]) == ("idle@127.0.0.1", "timed_out")
+    alice.send({"type": "say", "text": "I answered"})
+    assert bob.recv_type("message")["text"] == "I answered"
+
+
+def test_flooder_is_rate_limited_then_disconnected(start_server, open_client):
+    server = start_server("--max-per-ip=100")  # default rate: 10/s, burst 30
+    alice = open_client(server.port, "alice")
+    flooder = open_client(server.port, "flooder")
+    alice.recv_type("join")
+    flooder.send_raw(b"".join(protocol.encode_frame({"type": "say", "text": f"spam {i}"})
+                              for i in range(300)))
+    codes = []
+    while True:
+        try:
+            msg = flooder.recv()
+        except (EOFError, ConnectionResetError):
+            break
+        if msg["type"] == "error":
+            codes.append(msg["code"])
+    assert codes == ["rate_limited", "flooding"]
+    leave, before = alice.recv_until(lambda m: m["type"] == "leave")
+    assert leave["reason"] == "flooding"
+    spam = [m["text"] for m in before if m["type"] == "message"]
+    # What was accepted (the burst) is delivered, in order, and no more.
+    assert 25 <= len(spam) <= 31
+    assert spam == [f"spam {i}" for i in range(len(spam))]
+    bob = open_client(server.port, "bob")
+    alice.send({"type": "say", "text": "calm again"})
+    assert bob.recv_type("message")["text"] == "calm again"
+
+
+def test_reader_that_never_reads_is_evicted(start_server, open_client):
+    server = start_server("--max-per-ip=100", "--slow-reader-bytes=262144",
+                          "--msg-rate=100000", "--msg-burst=100000")
+    alice = open_client(server.port, "alice")
+    bob = open_client(server.port, "bob")
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.connect(("127.0.0.1", server.port))
+    stalled.sendall(protocol.encode_frame({"type": "hello", "name": "stalled"}))
+    try:
+        alice.recv_until(lambda m: m.get("member") == "stalled@127.0.0.1")
+        bob.recv_until(lambda m: m.get("member") == "stalled@127.0.0.1")
+        text = "y" * 3000
+        sent = 0
+        evicted = None
+        deadline = time.monotonic() + 30
+        while evicted is None and time.monotonic() < deadline:
+            for _ in range(20):
+                alice.send({"type": "say", "text": f"{sent} {text}"})
+                sent += 1
+            received = 0
+            while received < 20:  # bob keeps up; so does alice
+                msg = bob.recv()
+                if msg["type"] == "message":
+                    assert msg["text"].startswith(f"{sent - 20 + received} ")
+                    received += 1
+                elif msg["type"] == "leave":
+                    evicted = msg
+            alice.recv_until(lambda m: m.get("text", "").startswith(f"{sent - 1} "))
+        assert evicted is not None, "the stalled reader was never evicted"
+        assert (evicted["member"], evicted["reason"]) == ("stalled@127.0.0.1", "slow_reader")
+        server.wait_log("evicted as a slow reader")
+        chat_survives(alice, bob, "after")
+    finally:
+        stalled.close()
+
+
+def test_abrupt_reset(room, open_client):
+    server, alice, bob = room
+    resetter = open_client(server.port, "resetter")
+    bob.recv_type("join")
+    resetter.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    resetter.send_raw(protocol.encode_frame({"type": "say", "text": "last words"})[:7])
+    resetter.close()  # RST, mid-frame
+    leave = bob.recv_type("leave")
+    assert (leave["member"], leave["reason"]) == ("resetter@127.0.0.1", "hung_up")
+    chat_survives(alice, bob, "after")
+
+
+def test_connect_and_close_at_once(room):
+    server, alice, bob = room
+    for _ in range(50):
+        socket.create_connection(("127.0.0.1", server.port)).close()
+    chat_survives(alice, bob, "after")
+    assert server.proc.poll() is None
