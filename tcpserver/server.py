@@ -158,13 +158,16 @@ class ChatServer:
                 _drain(key.fileobj)
             elif tag is _STDIN:
                 self._read_stdin()
-            else:
-                if key.fd not in self.clients:
-                    continue  # closed earlier in this batch
-                if mask & selectors.EVENT_READ:
-                    self._on_readable(tag)
-                if mask & selectors.EVENT_WRITE and not tag.closed:
-                    self._flush(tag)
+            elif not tag.closed:  # it may have been closed earlier in this batch
+                try:
+                    if mask & selectors.EVENT_READ:
+                        self._on_readable(tag)
+                    if mask & selectors.EVENT_WRITE and not tag.closed:
+                        self._flush(tag)
+                except Exception:
+                    # A bug met by one client must not stop the room.
+                    log.exception("%s: internal error; dropping the client", tag)
+                    self._drop(tag, "hung_up")
         self._flush_all()
         if self.now >= self._next_tick:
             self._next_tick = self.now + TICK
@@ -266,6 +269,9 @@ class ChatServer:
                 self._handlers[message["type"]](client, message)
             except protocol.MessageError as exc:
                 self._send_error(client, exc.code, exc.message)
+            except protocol.LocalProtocolError:
+                # Only possible with a small --max-frame: the reply would not fit.
+                self._send_error(client, "bad_message", "too long for this server's frames")
         if decoder.buffered:
             if not client.partial_since:
                 client.partial_since = self.now
@@ -423,9 +429,9 @@ class ChatServer:
 
     def _publish(self, event: dict) -> None:
         """Append a room event (its "seq" placeholder filled in) for everyone."""
-        self.seq += 1
-        event["seq"] = self.seq
+        event["seq"] = self.seq + 1
         frame = protocol.encode_frame(event, self.limits.max_frame)
+        self.seq += 1  # only once the frame is known to fit
         self.room.append(frame)
         self.history.append(self.seq, frame)
 

@@ -15,6 +15,10 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 DEFAULT_TRUSTED_PROXIES = ("127.0.0.0/8", "::1/128")
 
 
+# A welcome with a long label and a few members must still fit in a frame.
+MIN_FRAME = 1024
+
+
 @dataclass(frozen=True)
 class Limits:
     # Largest frame payload accepted or sent.
@@ -83,6 +87,8 @@ def limits_from_args(args: argparse.Namespace) -> Limits:
     for f in fields(Limits):
         if getattr(limits, f.name) <= 0:
             raise ValueError(f"--{f.name.replace('_', '-')} must be positive")
+    if limits.max_frame < MIN_FRAME:
+        raise ValueError(f"--max-frame must be at least {MIN_FRAME}")
     return limits
 
 

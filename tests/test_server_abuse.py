@@ -251,3 +251,31 @@ def test_connect_and_close_at_once(room):
         socket.create_connection(("127.0.0.1", server.port)).close()
     chat_survives(alice, bob, "after")
     assert server.proc.poll() is None
+
+
+def test_message_that_fits_in_but_not_out_of_a_small_frame(start_server, open_client):
+    server = start_server("--max-frame=1024", "--max-per-ip=50")
+    alice = open_client(server.port, "alice")
+    bob = open_client(server.port, "bob")
+    text = "z" * (1024 - len('{"type":"say","text":""}'))  # exactly the limit inbound
+    alice.send({"type": "say", "text": text})
+    error = alice.recv_type("error")
+    assert (error["code"], error["message"]) == ("bad_message",
+                                                  "too long for this server's frames")
+    chat_survives(alice, bob, "after")
+    assert "Traceback" not in server.log_text()
+
+
+def test_bad_limits_on_the_command_line_are_one_clear_error():
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    for option in ("--max-frame=10", "--msg-rate=0", "--trusted-proxy=not-an-ip"):
+        result = subprocess.run([sys.executable, "-m", "tcpserver", "--name=server",
+                                 "--port=0", option], capture_output=True, text=True,
+                                timeout=20, cwd=ROOT)
+        assert result.returncode == 2, option
+        assert "Traceback" not in result.stderr
+        assert result.stderr.strip().count("\n") == 0, result.stderr

@@ -1,0 +1,476 @@
+"""The terminal client: ``chatroom --name=bob --port=N [--host=H]``.
+
+In a terminal (stdin and stdout both TTYs) a prompt_toolkit prompt
+``[bob@127.0.0.1]> `` stays on the last line while the room scrolls above it,
+so an incoming message never garbles what is being typed.  Otherwise every
+line read from stdin is sent (commands work too; empty lines are skipped),
+each one only after the server has echoed the one before; at end of input
+the client quits and exits once the server has closed the connection.
+
+Output is one line per event, on stdout::
+
+    * joined as bob@127.0.0.1
+    * in the room (2): alice@127.0.0.1, bob@127.0.0.1       on joining, and /who
+    [12:02:50] (history) alice@127.0.0.1: earlier            replayed on joining
+    [12:03:05] alice@127.0.0.1: hello                        a room message
+    [12:03:06] * carol@10.0.0.5 joined
+    [12:03:09] * carol@10.0.0.5 hung up                      leave, reason in words
+    [12:03:11] (private) alice@127.0.0.1 -> you: psst
+    [12:03:12] (private) you -> alice@127.0.0.1: hi
+
+Times are the server's timestamps in local time.  Line breaks inside a
+message show as ``↵`` and control characters as U+FFFD, so an event is
+always exactly one line.  Diagnostics start with ``!`` and go to stderr::
+
+    ! rate_limited: slow down: at most 10 messages a second
+    ! shutdown: the server is shutting down
+    ! the server closed the connection
+
+Commands: ``/who``, ``/msg NAME TEXT``, ``/quit``, ``/help``; ``//text``
+sends ``/text``.  Exit status: 0 after ``/quit``, end of input or a server
+shutdown; 1 if the server cannot be reached or the connection is lost;
+2 if the server refuses the name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import sys
+import threading
+from typing import Callable
+
+from tcpserver import display, protocol
+
+log = logging.getLogger(__name__)
+
+# A reachable server accepts within milliseconds; 5 s allows a slow link
+# without leaving someone who typed the wrong port waiting.
+CONNECT_TIMEOUT = 5.0
+# The server's own default hello timeout: no welcome by then means none.
+WELCOME_TIMEOUT = 10.0
+# After quit, how long to wait for the server to send our leave and close.
+QUIT_WAIT = 2.0
+# How long a piped line waits for its echo before we give up on it.
+ECHO_TIMEOUT = 10.0
+# After a rate_limited error, wait this long before resending: the server
+# refills at least one token a second unless configured unusually low.
+RATE_LIMIT_PAUSE = 1.0
+MAX_ATTEMPTS = 30
+
+EXIT_OK, EXIT_LOST, EXIT_REFUSED = 0, 1, 2
+_NAME_ERRORS = ("name_taken", "name_invalid", "bad_message")
+
+HELP = """\
+commands:
+  /who             list the members of the room
+  /msg NAME TEXT   send TEXT to NAME only
+  /quit            leave the room (Ctrl-D does too)
+  /help            show this help
+  //text           send a message that starts with '/'"""
+
+Show = Callable[..., None]  # show(line, err=False, dim=False)
+Reply = Callable[[dict], bool]
+
+
+class JoinRefused(Exception):
+    """The server answered hello with an error (``code``, ``message``)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Session:
+    """One joined connection: reads and shows server messages, sends ours."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 show: Show) -> None:
+        self.reader, self.writer, self.show = reader, writer, show
+        self.decoder = protocol.FrameDecoder()
+        self.label = ""
+        self.last_seq = 0  # highest room seq shown: skip anything at or below
+        self.replay_until = 0  # events up to welcome's last_seq are history
+        self.quiet: set[str] = set()  # error codes handled without a line
+        self.shutdown = False
+        self.quitting = False
+        self.closed = asyncio.Event()
+        self._members: list = []
+        self._waiter: tuple[asyncio.Future, Reply] | None = None
+
+    async def send(self, message: dict) -> None:
+        """Send one message.  Raises OSError if the connection is gone."""
+        self.writer.write(protocol.encode_frame(message))
+        await self.writer.drain()
+
+    async def _read(self) -> dict | None:
+        """Return the next valid server message, or None at end of stream.
+
+        Raises OSError on a reset and FrameError on a bad length.
+        """
+        while True:
+            payload = self.decoder.next_payload()
+            if payload is not None:
+                try:
+                    return protocol.parse_server_message(payload)
+                except protocol.MessageError as exc:
+                    # The stream is still in sync: skip it, as the server would.
+                    log.warning("ignored a bad message from the server: %s", exc.message)
+                    continue
+            data = await self.reader.read(65536)
+            if not data:
+                return None
+            self.decoder.receive_data(data)
+
+    async def join(self, name: str) -> None:
+        """Say hello and read up to the welcome.
+
+        Raises JoinRefused, ConnectionError (closed before the welcome),
+        OSError or FrameError.
+        """
+        await self.send({"type": "hello", "name": name})
+        while True:
+            msg = await self._read()
+            if msg is None:
+                raise ConnectionError("the server closed the connection")
+            if msg["type"] == "error":
+                raise JoinRefused(msg["code"], msg["message"])
+            if msg["type"] == "ping":
+                await self._pong(msg)
+            elif msg["type"] == "welcome":
+                break
+            else:
+                log.debug("ignored %s before welcome", msg["type"])
+        self.label = msg["label"]
+        self.replay_until = msg["last_seq"]
+        self.show(f"* joined as {display.clean(self.label)}")
+        self._members = list(msg["members"])
+        if not msg["more"]:
+            self._show_members()
+
+    async def receive(self) -> None:
+        """Handle server messages until the connection ends, then set ``closed``."""
+        try:
+            while (msg := await self._read()) is not None:
+                await self._handle(msg)
+        except (OSError, protocol.FrameError) as exc:
+            log.debug("connection lost: %s", exc)
+        finally:
+            self.closed.set()
+            if self._waiter and not self._waiter[0].done():
+                self._waiter[0].set_result("closed")
+
+    async def _handle(self, msg: dict) -> None:
+        kind = msg["type"]
+        if kind in ("message", "join", "leave"):
+            if msg["seq"] <= self.last_seq:
+                return  # already shown
+            self.last_seq = msg["seq"]
+            replay = msg["seq"] <= self.replay_until
+            self.show(display.room_event(msg, replay), dim=replay)
+        elif kind == "private":
+            self.show(display.private(msg, self.label))
+        elif kind == "members":
+            self._members.extend(msg["members"])
+            if not msg["more"]:
+                self._show_members()
+        elif kind == "error":
+            if msg["code"] in self.quiet:
+                log.debug("server: %s", msg["message"])
+            else:
+                self.show(display.error(msg["code"], msg["message"]), err=True)
+        elif kind == "shutdown":
+            self.shutdown = True
+            self.show(display.error("shutdown", msg["message"]), err=True)
+        elif kind == "ping":
+            await self._pong(msg)
+        waiter = self._waiter
+        if waiter and not waiter[0].done():
+            if kind == "error":
+                waiter[0].set_result(msg["code"])
+            elif waiter[1](msg):
+                waiter[0].set_result("ok")
+
+    def _show_members(self) -> None:
+        self.show(display.members(self._members))
+        self._members = []
+
+    async def _pong(self, ping: dict) -> None:
+        reply = {"type": "pong"}
+        if ping.get("token") is not None:
+            reply["token"] = ping["token"]
+        try:
+            await self.send(reply)
+        except OSError as exc:
+            log.debug("pong not sent: %s", exc)
+
+    async def request(self, message: dict, is_reply: Reply) -> str:
+        """Send ``message`` and wait for the frame ``is_reply`` accepts.
+
+        Returns "ok", the code of an error that came first, "closed" or
+        "timeout".  One request at a time.
+        """
+        if self.closed.is_set():
+            return "closed"
+        future = asyncio.get_running_loop().create_future()
+        self._waiter = (future, is_reply)
+        try:
+            await self.send(message)
+            return await asyncio.wait_for(future, ECHO_TIMEOUT)
+        except asyncio.TimeoutError:
+            return "timeout"
+        except OSError:
+            return "closed"
+        finally:
+            self._waiter = None
+
+    async def deliver(self, message: dict, is_reply: Reply) -> bool:
+        """Send ``message`` until the server confirms it; return True if it did.
+
+        A rate-limited frame is resent after a pause.  While a rate-limit
+        streak lasts the server drops frames without another error, so a
+        resent frame with no reply is resent again rather than given up.
+        """
+        resent = False
+        for _ in range(MAX_ATTEMPTS):
+            result = await self.request(message, is_reply)
+            if result == "ok":
+                return True
+            if result == "rate_limited" or (result == "timeout" and resent):
+                resent = True
+                await asyncio.sleep(RATE_LIMIT_PAUSE)
+                continue
+            if result == "timeout":
+                self.show(f"! no reply from the server within {ECHO_TIMEOUT:g} s", err=True)
+            return False
+        return False
+
+    async def quit(self) -> None:
+        """Send quit and wait (at most QUIT_WAIT) for the server to close."""
+        self.quitting = True
+        if self.closed.is_set():
+            return
+        try:
+            await self.send({"type": "quit"})
+            # The server sends our leave, then closes: waiting for the close
+            # means everything before it has been shown.
+            await asyncio.wait_for(self.closed.wait(), QUIT_WAIT)
+        except (OSError, asyncio.TimeoutError) as exc:
+            log.debug("no clean close after quit: %r", exc)
+
+
+async def act(session: Session, line: str, confirm: bool) -> bool:
+    """Carry out one input line: a command or a message.
+
+    With ``confirm``, wait until the server has echoed what was sent.
+    Returns False when the line asks to quit.
+    """
+    line = display.clean_outgoing(line)
+    if not line.strip():
+        return True
+    if line.startswith("/") and not line.startswith("//"):
+        command, _, rest = line[1:].partition(" ")
+        if command == "quit":
+            return False
+        if command == "help":
+            session.show(HELP)
+        elif command == "who":
+            await _submit(session, {"type": "who"},
+                          lambda m: m["type"] == "members" and not m["more"], confirm)
+        elif command == "msg":
+            to, _, text = rest.strip().partition(" ")
+            if not to or not text.strip():
+                session.show("! usage: /msg NAME TEXT", err=True)
+            elif _text_ok(session, text):
+                await _submit(session, {"type": "private", "to": to, "text": text},
+                              lambda m: m["type"] == "private" and m["from"] == session.label
+                              and m["text"] == text, confirm)
+        else:
+            session.show(f"! unknown command /{command}: /help lists the commands", err=True)
+        return True
+    text = line[1:] if line.startswith("//") else line
+    if _text_ok(session, text):
+        await _submit(session, {"type": "say", "text": text},
+                      lambda m: m["type"] == "message" and m["from"] == session.label
+                      and m["text"] == text, confirm)
+    return True
+
+
+def _text_ok(session: Session, text: str) -> bool:
+    try:
+        protocol.check_text(text)
+    except protocol.MessageError as exc:
+        session.show(f"! not sent: {exc.message}", err=True)
+        return False
+    return True
+
+
+async def _submit(session: Session, message: dict, is_reply: Reply, confirm: bool) -> None:
+    if confirm:
+        await session.deliver(message, is_reply)
+        return
+    try:
+        await session.send(message)
+    except OSError as exc:
+        log.debug("not sent: %s", exc)  # the receiver notices the loss
+
+
+async def _interactive(session: Session) -> None:
+    """Prompt for lines in a terminal until /quit, Ctrl-D or the server closes."""
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.patch_stdout import patch_stdout
+
+    prompt: PromptSession = PromptSession(f"[{display.clean(session.label)}]> ")
+    session.show("* /help lists the commands")
+    # raw=True lets our own (sanitized) dim escape through to the terminal.
+    with patch_stdout(raw=True):
+        closed = asyncio.ensure_future(session.closed.wait())
+        try:
+            while True:
+                ask = asyncio.ensure_future(prompt.prompt_async())
+                done, _ = await asyncio.wait({ask, closed}, return_when=asyncio.FIRST_COMPLETED)
+                if closed in done:
+                    ask.cancel()
+                    await asyncio.gather(ask, return_exceptions=True)
+                    return
+                try:
+                    line = ask.result()
+                except (EOFError, KeyboardInterrupt):
+                    line = "/quit"
+                if not await act(session, line, confirm=False):
+                    break
+            await session.quit()
+        finally:
+            closed.cancel()
+
+
+async def _piped(session: Session) -> None:
+    """Send stdin line by line until end of input or the server closes."""
+    session.quiet.add("rate_limited")  # deliver() resends instead
+    lines: asyncio.Queue[str | None] = asyncio.Queue()
+    _read_stdin_lines(asyncio.get_running_loop(), lines)
+    closed = asyncio.ensure_future(session.closed.wait())
+    try:
+        while True:
+            get = asyncio.ensure_future(lines.get())
+            done, _ = await asyncio.wait({get, closed}, return_when=asyncio.FIRST_COMPLETED)
+            if closed in done:
+                get.cancel()
+                return
+            line = get.result()
+            if line is None or not await act(session, line.rstrip("\r\n"), confirm=True):
+                break
+        await session.quit()
+    finally:
+        closed.cancel()
+
+
+def _read_stdin_lines(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
+    """Feed stdin's lines, then None, into ``queue`` from a daemon thread.
+
+    A thread works for pipes, files and terminals alike, and a daemon
+    thread blocked in read() does not keep the process alive at exit.
+    """
+    def put(item: str | None) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:
+            pass  # the loop is closed: the client is exiting
+
+    def pump() -> None:
+        try:
+            for raw in sys.stdin.buffer:
+                put(raw.decode("utf-8", "replace"))
+        except (OSError, ValueError) as exc:
+            log.warning("cannot read stdin: %s", exc)
+        finally:
+            put(None)
+
+    threading.Thread(target=pump, name="stdin", daemon=True).start()
+
+
+def _make_show(terminal: bool) -> Show:
+    def show(line: str, err: bool = False, dim: bool = False) -> None:
+        if terminal and dim:
+            line = f"\x1b[2m{line}\x1b[0m"
+        try:
+            print(line, file=sys.stderr if err else sys.stdout, flush=True)
+        except BrokenPipeError:
+            # The reader went away (e.g. `| head`): keep going quietly.
+            sys.stdout = open(os.devnull, "w")
+    return show
+
+
+def _is_tty(stream) -> bool:
+    try:
+        return stream is not None and stream.isatty()
+    except (OSError, ValueError):
+        return False
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return f"no answer within {CONNECT_TIMEOUT:g} s"
+    if isinstance(exc, socket.gaierror):
+        return "unknown host"
+    if isinstance(exc, ConnectionRefusedError) or "refused" in str(exc).lower():
+        # One address family or several: open_connection may merge errors.
+        return "connection refused"
+    return (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)).lower()
+
+
+async def _main(name: str, host: str, port: int) -> int:
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port),
+                                                CONNECT_TIMEOUT)
+    except (OSError, asyncio.TimeoutError) as exc:
+        print(f"chatroom: cannot reach the chat server at {where} ({_why(exc)})",
+              file=sys.stderr)
+        return EXIT_LOST
+    terminal = _is_tty(sys.stdin) and _is_tty(sys.stdout)
+    session = Session(reader, writer, _make_show(terminal))
+    receiver = None
+    try:
+        try:
+            await asyncio.wait_for(session.join(name), WELCOME_TIMEOUT)
+        except JoinRefused as exc:
+            print(f"chatroom: cannot join as {name!r}: {display.clean(exc.message)} "
+                  f"({display.clean(exc.code)})", file=sys.stderr)
+            return EXIT_REFUSED if exc.code in _NAME_ERRORS else EXIT_LOST
+        except (OSError, protocol.FrameError, asyncio.TimeoutError) as exc:
+            reason = "no welcome in time" if isinstance(exc, asyncio.TimeoutError) else exc
+            print(f"chatroom: the chat server at {where} did not let us in ({reason})",
+                  file=sys.stderr)
+            return EXIT_LOST
+        receiver = asyncio.ensure_future(session.receive())
+        await (_interactive(session) if terminal else _piped(session))
+        if session.quitting:
+            return EXIT_OK
+        session.show("! the server closed the connection", err=True)
+        return EXIT_OK if session.shutdown else EXIT_LOST
+    finally:
+        if receiver is not None:
+            receiver.cancel()
+            await asyncio.gather(receiver, return_exceptions=True)
+        writer.close()
+        try:
+            await writer.wait_closed()
+        except OSError:
+            pass
+
+
+def run(name: str, host: str, port: int) -> int:
+    """Join the room at ``host:port`` as ``name`` from this terminal or pipe.
+
+    Returns the exit status (see the module docstring); never raises for
+    network trouble, which is reported in one line on stderr.
+    """
+    logging.basicConfig(level=logging.WARNING, format="chatroom: %(message)s")
+    try:
+        return asyncio.run(_main(name, host, port))
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,94 @@
+"""How the terminal client shows what the server sends: one line per event.
+
+Every function here returns a ``str`` (no I/O), so the format is easy to test
+and the same in a terminal and in a pipe.  The line shapes are documented in
+``tcpserver/client.py``.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import unicodedata
+
+# A human phrase for each leave reason in PROTOCOL.md.
+LEAVE_PHRASES = {
+    "quit": "left",
+    "hung_up": "hung up",
+    "timed_out": "timed out",
+    "slow_reader": "was evicted (too slow reading)",
+    "flooding": "was disconnected for flooding",
+    "protocol_error": "was disconnected for a protocol error",
+    "shutdown": "left (server shutdown)",
+}
+
+# The protocol already forbids C0/C1 controls in strings, but a terminal is
+# rewritten by any escape that slips through, so the client never trusts
+# that alone.  Bidi overrides can make a line read differently than it is.
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+# Line breaks inside a message would split one event over several lines.
+_BREAKS = re.compile("\r\n|[\n\r\u2028\u2029\x85]")
+NEWLINE_MARK = "\u21b5"  # ↵
+
+
+def clean(text: str) -> str:
+    """Return ``text`` safe for one terminal line.
+
+    Line breaks become ``↵``, other control and bidi-override characters
+    become U+FFFD; tabs are kept.
+    """
+    text = _BREAKS.sub(NEWLINE_MARK, text)
+    return _UNSAFE.sub("\ufffd", text)
+
+
+def clean_outgoing(text: str) -> str:
+    """Return ``text`` without the control characters the protocol forbids.
+
+    Keeps tab; used on what the user typed or piped before it is sent.
+    """
+    return "".join(
+        ch for ch in text
+        if ch == "\t" or not (unicodedata.category(ch) == "Cc" or "\ud800" <= ch <= "\udfff")
+    )
+
+
+def clock(ts_ms: int | None = None) -> str:
+    """Return ``[HH:MM:SS]`` in local time for a server timestamp (ms), or now."""
+    seconds = time.time() if ts_ms is None else ts_ms / 1000
+    return time.strftime("[%H:%M:%S]", time.localtime(seconds))
+
+
+def room_event(msg: dict, replay: bool = False) -> str | None:
+    """Return the line for a ``message``, ``join`` or ``leave`` event.
+
+    ``replay`` marks an event replayed from history with ``(history)``.
+    Returns None for any other type.
+    """
+    head = clock(msg["ts"]) + (" (history)" if replay else "")
+    kind = msg["type"]
+    if kind == "message":
+        return f"{head} {clean(msg['from'])}: {clean(msg['text'])}"
+    if kind == "join":
+        return f"{head} * {clean(msg['member'])} joined"
+    if kind == "leave":
+        reason = msg["reason"]
+        phrase = LEAVE_PHRASES.get(reason, f"left ({clean(reason)})")
+        return f"{head} * {clean(msg['member'])} {phrase}"
+    return None
+
+
+def private(msg: dict, me: str) -> str:
+    """Return the line for a ``private`` message; ``me`` is our own label."""
+    sender = "you" if msg["from"] == me else clean(msg["from"])
+    recipient = "you" if msg["to"] == me else clean(msg["to"])
+    return f"{clock(msg['ts'])} (private) {sender} -> {recipient}: {clean(msg['text'])}"
+
+
+def members(labels: list[str]) -> str:
+    """Return the ``* in the room (N): a, b`` line for a member list."""
+    return f"* in the room ({len(labels)}): " + ", ".join(clean(str(x)) for x in labels)
+
+
+def error(code: str, message: str) -> str:
+    """Return the ``! code: message`` line for a server error."""
+    return f"! {clean(code)}: {clean(message)}"
