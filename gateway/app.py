@@ -1,0 +1,127 @@
+"""The aiohttp application: routes, shared state, headers, startup.
+
+Template context for ``index.html`` (the whole of it, on purpose):
+
+* ``version``: the package version, e.g. for cache-busting asset URLs.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import aiohttp_jinja2
+import jinja2
+from aiohttp import web
+
+import gateway
+from gateway.bridge import Bridge
+from gateway.config import GatewayConfig
+from gateway.health import HealthProbe, HealthView
+from gateway.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+# --- application state, all of it ----------------------------------------
+CONFIG = web.AppKey("config", GatewayConfig)
+METRICS = web.AppKey("metrics", Metrics)
+BRIDGE = web.AppKey("bridge", Bridge)
+PROBE = web.AppKey("probe", HealthProbe)
+TEMPLATES_DIR = web.AppKey("templates_dir", Path)
+STATIC_DIR = web.AppKey("static_dir", Path)
+
+# connect-src 'self' admits same-origin ws:/wss: in current browsers (CSP
+# level 3); the page needs nothing from any other origin.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; connect-src 'self'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+def asset_dirs() -> tuple[Path, Path]:
+    """Return (templates, static) directories.
+
+    An installed wheel carries them inside the package (pyproject's
+    force-include); a source or editable checkout has them at the top of the
+    repository.  The package copy wins when both exist.
+    """
+    package = Path(gateway.__file__).resolve().parent
+    for base in (package, package.parent):
+        if (base / "templates").is_dir():
+            return base / "templates", base / "static"
+    return package / "templates", package / "static"
+
+
+def create_app(config: GatewayConfig | None = None) -> web.Application:
+    """Build the gateway application for ``config`` (defaults if None).
+
+    Raises FileNotFoundError if the page's templates or static files are
+    missing, since the gateway would serve a broken page without them.
+    """
+    config = config or GatewayConfig()
+    templates_dir, static_dir = asset_dirs()
+    for directory in (templates_dir, static_dir):
+        if not directory.is_dir():
+            raise FileNotFoundError(f"gateway assets missing: no directory {directory}")
+
+    app = web.Application()
+    metrics = Metrics()
+    bridge = Bridge(config, metrics)
+    probe = HealthProbe(config)
+    app[CONFIG] = config
+    app[METRICS] = metrics
+    app[BRIDGE] = bridge
+    app[PROBE] = probe
+    app[TEMPLATES_DIR] = templates_dir
+    app[STATIC_DIR] = static_dir
+
+    # autoescape is on for every template: names and text are user input.
+    aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(templates_dir), autoescape=True)
+    health = HealthView(probe, lambda: bridge.session_count, gateway.__version__)
+    app.router.add_get("/", _index)
+    app.router.add_get("/ws", bridge.handle)
+    app.router.add_get("/health", health.handle)
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_static("/static/", static_dir)
+    # A signal rather than a middleware: it also reaches responses prepared
+    # inside handlers (the WebSocket upgrade) and aiohttp's own error pages.
+    app.on_response_prepare.append(_security_headers)
+    app.on_shutdown.append(bridge.shutdown)
+    app.on_cleanup.append(probe.close)
+    return app
+
+
+async def _index(request: web.Request) -> web.Response:
+    return aiohttp_jinja2.render_template(
+        "index.html", request, {"version": gateway.__version__})
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    return request.app[METRICS].render()
+
+
+async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+
+
+async def start(config: GatewayConfig) -> tuple[web.AppRunner, str]:
+    """Serve ``config`` on its host and port; return the runner and the URL.
+
+    Logs ``serving on http://HOST:PORT/`` with the bound port (so port 0
+    works).  The caller stops it with ``runner.cleanup()``.  Raises OSError
+    if the port cannot be bound, FileNotFoundError as ``create_app`` does.
+    """
+    runner = web.AppRunner(create_app(config), shutdown_timeout=5.0)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.http_port)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    host, port = runner.addresses[0][:2]
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+    log.info("serving on %s", url)
+    return runner, url

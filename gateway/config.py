@@ -1,0 +1,137 @@
+"""The gateway's settings: one frozen dataclass, and the command line that fills it."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+from dataclasses import dataclass, field
+
+from yarl import URL
+
+from tcpserver import protocol
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# A family or a small office shares one address; 8 tabs is generous for a
+# person and still stops one host from holding hundreds of room seats.
+DEFAULT_MAX_SESSIONS_PER_IP = 8
+# Frames waiting for a slow browser.  The room sends at most a few events a
+# second per member; 1000 is minutes of backlog for a healthy tab, and at
+# 64 KiB a frame still bounds the memory of one stalled session.
+DEFAULT_QUEUE_SIZE = 1000
+# aiohttp pings the browser this often and drops it if no pong comes within
+# half of it: a closed laptop lid frees its room seat within ~45 s.
+DEFAULT_HEARTBEAT = 30.0
+# Matches the chat server's own hello timeout: a tab that never joins does
+# not hold one of its address's sessions forever.
+DEFAULT_HELLO_TIMEOUT = 10.0
+DEFAULT_CONNECT_TIMEOUT = 5.0
+# A health probe is a loopback round trip; a second means the server is stuck.
+DEFAULT_HEALTH_TIMEOUT = 1.0
+# One probe per second at most, however often /health is polled.
+DEFAULT_HEALTH_CACHE = 1.0
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Everything ``create_app`` needs; tests build one directly."""
+
+    chat_host: str = "127.0.0.1"
+    chat_port: int = 10000
+    host: str = "127.0.0.1"
+    http_port: int = 8080
+    # Peers whose X-Forwarded-For is believed (reverse proxies in front of us).
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    # Extra origins allowed to open /ws, normalised "scheme://host[:port]".
+    allowed_origins: frozenset[str] = field(default_factory=frozenset)
+    max_sessions_per_ip: int = DEFAULT_MAX_SESSIONS_PER_IP
+    # Largest WebSocket message accepted: the chat server's frame limit, so
+    # anything the browser may send also fits in one frame.
+    max_frame: int = protocol.MAX_FRAME_SIZE
+    queue_size: int = DEFAULT_QUEUE_SIZE
+    heartbeat: float = DEFAULT_HEARTBEAT
+    hello_timeout: float = DEFAULT_HELLO_TIMEOUT
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    health_timeout: float = DEFAULT_HEALTH_TIMEOUT
+    health_cache: float = DEFAULT_HEALTH_CACHE
+
+    @property
+    def chat_address(self) -> str:
+        """The chat server as "host:port" (IPv6 hosts bracketed)."""
+        host = f"[{self.chat_host}]" if ":" in self.chat_host else self.chat_host
+        return f"{host}:{self.chat_port}"
+
+
+def normalize_origin(origin: str) -> str:
+    """Return ``origin`` as lower-case "scheme://host[:port]" with no path.
+
+    Raises ValueError if it is not an http(s) origin.
+    """
+    url = URL(origin.strip())
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"not an http(s) origin: {origin!r}")
+    host = f"[{url.host}]" if ":" in url.host else url.host
+    port = url.explicit_port
+    default = 80 if url.scheme == "http" else 443
+    netloc = host if port in (None, default) else f"{host}:{port}"
+    return f"{url.scheme}://{netloc}".lower()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m gateway",
+        description="Web gateway: serves the chat page and relays WebSockets "
+        "to the chat server over TCP.",
+    )
+    parser.add_argument("--http-port", type=int, default=8080,
+                        help="HTTP port to serve on (default 8080; 0 picks a free one)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to serve on (default 127.0.0.1)")
+    parser.add_argument("--chat-host", default="127.0.0.1",
+                        help="chat server address (default 127.0.0.1)")
+    parser.add_argument("--chat-port", type=int, default=10000,
+                        help="chat server port (default 10000)")
+    parser.add_argument("--trusted-proxy", action="append", default=[], metavar="CIDR",
+                        help="reverse proxy whose X-Forwarded-For is believed; "
+                        "repeatable (default: none)")
+    parser.add_argument("--allowed-origin", action="append", default=[], metavar="URL",
+                        help="another origin allowed to open /ws, e.g. "
+                        "https://chat.example.com; repeatable (default: same host only)")
+    parser.add_argument("--max-sessions-per-ip", type=int,
+                        default=DEFAULT_MAX_SESSIONS_PER_IP,
+                        help=f"concurrent sessions per client address "
+                        f"(default {DEFAULT_MAX_SESSIONS_PER_IP})")
+    parser.add_argument("--max-frame", type=int, default=protocol.MAX_FRAME_SIZE,
+                        help="largest message in bytes; match the chat server's "
+                        f"--max-frame (default {protocol.MAX_FRAME_SIZE})")
+    parser.add_argument("--queue-size", type=int, default=DEFAULT_QUEUE_SIZE,
+                        help="messages held for a slow browser before its session "
+                        f"is closed (default {DEFAULT_QUEUE_SIZE})")
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> GatewayConfig:
+    """Build a GatewayConfig from parsed options.
+
+    Raises ValueError for a bad CIDR, origin or limit.
+    """
+    for option in ("max_sessions_per_ip", "max_frame", "queue_size"):
+        if getattr(args, option) <= 0:
+            raise ValueError(f"--{option.replace('_', '-')} must be positive")
+    for option in ("http_port", "chat_port"):
+        if not 0 <= getattr(args, option) <= 65535:
+            raise ValueError(f"--{option.replace('_', '-')} must be 0-65535")
+    return GatewayConfig(
+        chat_host=args.chat_host,
+        chat_port=args.chat_port,
+        host=args.host,
+        http_port=args.http_port,
+        trusted_proxies=tuple(ipaddress.ip_network(c, strict=False)
+                              for c in args.trusted_proxy),
+        allowed_origins=frozenset(normalize_origin(o) for o in args.allowed_origin),
+        max_sessions_per_ip=args.max_sessions_per_ip,
+        max_frame=args.max_frame,
+        queue_size=args.queue_size,
+    )

@@ -1,0 +1,592 @@
+"""The gateway app in-process (pytest-aiohttp) against the real chat server.
+
+RawClient is blocking, so anything that waits for the gateway to act runs
+in a thread (``asyncio.to_thread``); the gateway shares the test's loop.
+"""
+
+import asyncio
+import ipaddress
+import json
+import signal
+import socket
+
+import aiohttp
+import pytest
+from aiohttp import WSMsgType
+
+import gateway
+from conftest import RawClient
+from gateway.app import BRIDGE, METRICS, PROBE, SECURITY_HEADERS, create_app
+from gateway.config import GatewayConfig
+from tcpserver import protocol
+
+pytestmark = pytest.mark.asyncio
+
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)
+TIME_LIMIT = 60  # seconds; a backstop, every wait below has its own timeout
+
+
+@pytest.fixture(autouse=True)
+def time_limit():
+    def expired(signum, frame):
+        raise TimeoutError(f"test ran over {TIME_LIMIT} s")
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(TIME_LIMIT)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+@pytest.fixture
+def gateway_client(aiohttp_client):
+    """Factory: ``await gateway_client(chat_port, **config) -> TestClient``."""
+
+    async def make(chat_port: int, **overrides):
+        config = GatewayConfig(chat_port=chat_port, **overrides)
+        return await aiohttp_client(create_app(config))
+
+    return make
+
+
+@pytest.fixture
+def member(server):
+    """A RawClient already in the room as alice."""
+    client = RawClient(server.port)
+    client.join("alice")
+    yield client
+    client.close()
+
+
+def free_port() -> int:
+    """A port with nothing listening on it (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def recv_json(ws, timeout: float = 5.0) -> dict:
+    msg = await ws.receive(timeout=timeout)
+    assert msg.type is WSMsgType.TEXT, msg
+    return json.loads(msg.data)
+
+
+async def recv_until(ws, predicate, timeout: float = 5.0) -> tuple[dict, list[dict]]:
+    seen = []
+    while True:
+        message = await recv_json(ws, timeout)
+        if predicate(message):
+            return message, seen
+        seen.append(message)
+
+
+async def join(ws, name: str) -> dict:
+    """hello; return welcome after reading up to our own join."""
+    await ws.send_json({"type": "hello", "name": name})
+    welcome, _ = await recv_until(ws, lambda m: m["type"] == "welcome")
+    await recv_until(ws, lambda m: m["type"] == "join" and m["member"] == welcome["label"])
+    return welcome
+
+
+async def recv_close(ws, timeout: float = 5.0) -> aiohttp.WSMessage:
+    """Skip text messages until the close; return it."""
+    while True:
+        msg = await ws.receive(timeout=timeout)
+        if msg.type is not WSMsgType.TEXT:
+            return msg
+
+
+async def in_thread(func, *args):
+    return await asyncio.to_thread(func, *args)
+
+
+def metric(app, name: str, **labels) -> float:
+    value = app[METRICS].registry.get_sample_value(name, labels or None)
+    return 0.0 if value is None else value
+
+
+async def eventually(check, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+# --- relaying ---------------------------------------------------------------
+
+async def test_relay_both_ways_with_the_browsers_address(gateway_client, server, member):
+    client = await gateway_client(server.port, trusted_proxies=LOOPBACK)
+    async with client.ws_connect("/ws", headers={"X-Forwarded-For": "203.0.113.7"}) as ws:
+        # Whatever the browser claims is replaced by the address we saw.
+        await ws.send_json({"type": "hello", "name": "web", "forwarded_for": "6.6.6.6"})
+        welcome = await recv_json(ws)
+        assert welcome["type"] == "welcome"
+        assert welcome["label"] == "web@203.0.113.7"
+        assert welcome["members"] == ["alice@127.0.0.1", "web@203.0.113.7"]
+        joined = await in_thread(member.recv_type, "join")
+        assert joined["member"] == "web@203.0.113.7"
+
+        await ws.send_json({"type": "say", "text": "hello alice ✓"})
+        said = await in_thread(member.recv_type, "message")
+        assert (said["from"], said["text"]) == ("web@203.0.113.7", "hello alice ✓")
+
+        await in_thread(member.send, {"type": "say", "text": "hi web"})
+        heard, _ = await recv_until(ws, lambda m: m["type"] == "message" and m["text"] == "hi web")
+        assert heard["from"] == "alice@127.0.0.1"
+        # Room events reach the browser byte for byte as the server framed them.
+        assert json.dumps(heard, ensure_ascii=False, separators=(",", ":")) == \
+            protocol.encode_payload(heard).decode()
+
+        await ws.send_json({"type": "private", "to": "alice", "text": "psst"})
+        private = await in_thread(member.recv_type, "private")
+        assert (private["from"], private["to"], private["text"]) == \
+            ("web@203.0.113.7", "alice@127.0.0.1", "psst")
+        await in_thread(member.send, {"type": "private", "to": "web", "text": "back"})
+        back, _ = await recv_until(ws, lambda m: m["type"] == "private" and m["text"] == "back")
+        assert back["to"] == "web@203.0.113.7"
+
+
+async def test_forwarded_claims_ignored_without_trusted_proxies(gateway_client, server):
+    client = await gateway_client(server.port)
+    async with client.ws_connect("/ws", headers={"X-Forwarded-For": "6.6.6.7"}) as ws:
+        await ws.send_json({"type": "hello", "name": "web", "forwarded_for": "6.6.6.6"})
+        assert (await recv_json(ws))["label"] == "web@127.0.0.1"
+
+
+async def test_retry_after_name_taken_keeps_the_real_address(gateway_client, server, member):
+    client = await gateway_client(server.port, trusted_proxies=LOOPBACK)
+    async with client.ws_connect("/ws", headers={"X-Forwarded-For": "203.0.113.8"}) as ws:
+        await ws.send_json({"type": "hello", "name": "ALICE"})
+        error = await recv_json(ws)
+        assert (error["type"], error["code"]) == ("error", "name_taken")
+        await ws.send_json({"type": "hello", "name": "alice2", "forwarded_for": "6.6.6.6"})
+        assert (await recv_json(ws))["label"] == "alice2@203.0.113.8"
+
+
+async def test_bad_browser_input_is_answered_and_never_forwarded(gateway_client, server, member):
+    client = await gateway_client(server.port)
+    app = client.server.app
+    async with client.ws_connect("/ws") as ws:
+        await join(ws, "web")
+        await in_thread(member.recv_type, "join")
+        bad = ["not json", "[1]", '{"type": "nope"}', '{"type": "say"}',
+               json.dumps({"type": "say", "text": "x" * (protocol.MAX_TEXT_CHARS + 1)}),
+               json.dumps({"type": "say", "text": "   "}),
+               json.dumps({"type": "say", "text": "ring\u0007"}),
+               json.dumps({"type": "private", "to": "alice", "text": ""})]
+        for text in bad:
+            await ws.send_str(text)
+            reply = await recv_json(ws)
+            assert (reply["type"], reply["code"]) == ("error", "bad_message"), text
+        await ws.send_bytes(b'{"type": "say", "text": "binary"}')
+        reply = await recv_json(ws)
+        assert (reply["code"], "binary" in reply["message"]) == ("bad_message", True)
+
+        # Still working; and alice's next room event is this one, so none of
+        # the bad input reached the room.
+        await ws.send_json({"type": "say", "text": "still here"})
+        event = await in_thread(member.recv)
+        assert (event["type"], event["text"]) == ("message", "still here")
+        echo, skipped = await recv_until(ws, lambda m: m["type"] == "message")
+        assert echo["text"] == "still here" and skipped == []
+    assert metric(app, "gateway_messages_rejected_total") == len(bad) + 1
+    assert metric(app, "gateway_messages_relayed_total", direction="to_server") == 2
+
+
+async def test_commands_before_hello_do_not_reach_the_server(gateway_client, server):
+    client = await gateway_client(server.port)
+    async with client.ws_connect("/ws") as ws:
+        await ws.send_json({"type": "say", "text": "too early"})
+        reply = await recv_json(ws)
+        assert (reply["type"], reply["code"]) == ("error", "not_joined")
+        await ws.send_str("garbage")
+        assert (await recv_json(ws))["code"] == "bad_message"
+        await join(ws, "web")  # the session is fine afterwards
+    assert server.log_text().count("connect from") == 1
+
+
+async def test_message_over_the_frame_limit_closes_1009(gateway_client, server, member):
+    client = await gateway_client(server.port, max_frame=1000)
+    async with client.ws_connect("/ws") as ws:
+        await join(ws, "web")
+        await ws.send_json({"type": "say", "text": "y" * 1000})
+        msg = await recv_close(ws)
+        assert (msg.type, msg.data) == (WSMsgType.CLOSE, aiohttp.WSCloseCode.MESSAGE_TOO_BIG)
+    joined = await in_thread(member.recv_type, "join")
+    left = await in_thread(member.recv)  # nothing of the big message came through
+    assert (left["type"], left["member"]) == ("leave", joined["member"])
+
+
+# --- closing --------------------------------------------------------------
+
+async def test_unreachable_chat_server_closes_1011(gateway_client):
+    client = await gateway_client(free_port())
+    app = client.server.app
+    async with client.ws_connect("/ws") as ws:
+        await ws.send_json({"type": "hello", "name": "web"})
+        msg = await recv_close(ws)
+        assert (msg.type, msg.data) == (WSMsgType.CLOSE, aiohttp.WSCloseCode.INTERNAL_ERROR)
+        assert "chat server unreachable" in msg.extra
+    assert metric(app, "gateway_upstream_connect_failures_total") == 1
+    assert metric(app, "gateway_session_closes_total", reason="unreachable") == 1
+
+
+async def test_server_shutdown_is_delivered_then_closes_1000(gateway_client, server, member):
+    client = await gateway_client(server.port)
+    app = client.server.app
+    async with client.ws_connect("/ws") as ws:
+        await join(ws, "web")
+        # Room events the server accepted just before its SIGTERM must all
+        # reach the browser, then the shutdown notice, then the close.
+        for i in range(20):
+            member.send({"type": "say", "text": f"m{i}"})
+        # Done talking: otherwise the server waits its grace period for alice.
+        member.sock.shutdown(socket.SHUT_WR)
+        stopped = asyncio.ensure_future(in_thread(server.terminate))
+        texts, last = [], None
+        while True:
+            msg = await ws.receive(timeout=10)
+            if msg.type is not WSMsgType.TEXT:
+                break
+            last = json.loads(msg.data)
+            if last["type"] == "message":
+                texts.append(last["text"])
+        assert texts == [f"m{i}" for i in range(20)]
+        assert last == {"type": "shutdown", "message": "the server is shutting down"}
+        assert (msg.type, msg.data, msg.extra) == \
+            (WSMsgType.CLOSE, aiohttp.WSCloseCode.OK, "the server is shutting down")
+        assert await stopped == 0
+    assert metric(app, "gateway_session_closes_total", reason="server_closed") == 1
+
+
+async def test_server_error_becomes_the_close_reason(gateway_client, start_server):
+    server = start_server("--idle-timeout=1")
+    client = await gateway_client(server.port)
+    async with client.ws_connect("/ws") as ws:
+        await join(ws, "web")
+        # Never answer the server's ping: it disconnects us for silence.
+        ping, _ = await recv_until(ws, lambda m: m["type"] == "ping")
+        error, _ = await recv_until(ws, lambda m: m["type"] == "error")
+        assert error["code"] == "idle_timeout"
+        msg = await recv_close(ws)
+        assert (msg.type, msg.data, msg.extra) == \
+            (WSMsgType.CLOSE, aiohttp.WSCloseCode.OK, error["message"])
+
+
+async def test_gateway_shutdown_closes_1001(gateway_client, server, member):
+    client = await gateway_client(server.port)
+    app = client.server.app
+    async with client.ws_connect("/ws") as ws:
+        welcome = await join(ws, "web")
+        closing = asyncio.ensure_future(client.server.close())
+        msg = await recv_close(ws)
+        assert (msg.type, msg.data) == (WSMsgType.CLOSE, aiohttp.WSCloseCode.GOING_AWAY)
+        assert msg.extra == "the gateway is shutting down"
+        await asyncio.wait_for(closing, 10)
+    left = await in_thread(member.recv_until,
+                           lambda m: m["type"] == "leave" and m["member"] == welcome["label"])
+    assert left[0]["reason"] == "hung_up"
+    assert metric(app, "gateway_session_closes_total", reason="shutdown") == 1
+
+
+async def test_browser_gone_the_room_sees_a_leave(gateway_client, server, member):
+    client = await gateway_client(server.port)
+    app = client.server.app
+    ws = await client.ws_connect("/ws")
+    welcome = await join(ws, "web")
+    await in_thread(member.recv_type, "join")
+    await ws.close()
+    left = await in_thread(member.recv)
+    assert (left["type"], left["member"], left["reason"]) == ("leave", welcome["label"], "hung_up")
+    await eventually(lambda: app[BRIDGE].session_count == 0)
+    assert metric(app, "gateway_session_closes_total", reason="browser_closed") == 1
+
+
+async def test_browser_vanishing_without_a_close_frame(gateway_client, server, member):
+    client = await gateway_client(server.port)
+    ws = await client.ws_connect("/ws")
+    welcome = await join(ws, "web")
+    await in_thread(member.recv_type, "join")
+    ws._response.connection.transport.abort()  # a crashed tab: no close frame, just gone
+    left = await in_thread(member.recv)
+    assert (left["type"], left["member"]) == ("leave", welcome["label"])
+    await ws.close()
+
+
+async def test_no_hello_in_time_closes_1008(gateway_client, server):
+    client = await gateway_client(server.port, hello_timeout=0.3)
+    app = client.server.app
+    async with client.ws_connect("/ws") as ws:
+        msg = await recv_close(ws)
+        assert (msg.type, msg.data) == (WSMsgType.CLOSE, aiohttp.WSCloseCode.POLICY_VIOLATION)
+        assert "hello" in msg.extra
+    assert metric(app, "gateway_session_closes_total", reason="hello_timeout") == 1
+    assert "connect from" not in server.log_text()
+
+
+async def flood_server(frame_text_size: int = 16000):
+    """A fake chat server that answers hello with room messages as fast as
+    TCP takes them, until the gateway hangs up.  Returns (port, done event)."""
+    done = asyncio.Event()
+    filler = "z" * frame_text_size
+
+    async def handle(reader, writer):
+        await reader.read(100)  # the hello
+        seq = 0
+        try:
+            while True:
+                seq += 1
+                writer.write(protocol.encode_frame(
+                    {"type": "message", "seq": seq, "from": "x@192.0.2.1", "text": filler,
+                     "ts": 0}))
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+            done.set()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1], done
+
+
+async def test_a_browser_that_falls_behind_is_closed_1013_not_dropped(gateway_client):
+    fake, port, upstream_closed = await flood_server()
+    async with fake:
+        client = await gateway_client(port, queue_size=4)
+        app = client.server.app
+        # No compression, so the flood really fills the socket buffers.
+        async with client.ws_connect("/ws", compress=0) as ws:
+            await ws.send_json({"type": "hello", "name": "slow"})
+            # Read nothing until the gateway gives up on us.
+            await eventually(
+                lambda: metric(app, "gateway_session_closes_total", reason="overflow") == 1,
+                timeout=20)
+            await asyncio.wait_for(upstream_closed.wait(), 5)
+            seqs = []
+            while True:
+                msg = await ws.receive(timeout=10)
+                if msg.type is not WSMsgType.TEXT:
+                    break
+                seqs.append(json.loads(msg.data)["seq"])
+            # Everything delivered is in order with no gap, then a close that
+            # says why: the page knows to reconnect and ask for history.
+            assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) > 10
+            assert (msg.type, msg.data) == (WSMsgType.CLOSE, 1013)
+            assert "too far behind" in msg.extra
+        fake.close()
+
+
+async def test_a_relay_bug_closes_the_session_1011(gateway_client, server, member, monkeypatch):
+    def broken(payload):
+        raise RuntimeError("simulated bug")
+
+    client = await gateway_client(server.port)
+    async with client.ws_connect("/ws") as ws:
+        monkeypatch.setattr("gateway.session.farewell", broken)
+        await ws.send_json({"type": "hello", "name": "web"})
+        msg = await recv_close(ws)
+        assert (msg.type, msg.data) == (WSMsgType.CLOSE, aiohttp.WSCloseCode.INTERNAL_ERROR)
+    joined = await in_thread(member.recv_type, "join")
+    left = await in_thread(member.recv_type, "leave")
+    assert left["member"] == joined["member"] == "web@127.0.0.1"
+    assert metric(client.server.app, "gateway_session_closes_total", reason="error") == 1
+
+
+# --- admission: origin and per-address cap ----------------------------------
+
+async def test_cross_origin_websocket_is_refused_403(gateway_client, server):
+    client = await gateway_client(server.port)
+    for origin in ("http://evil.example", "null", f"http://localhost:{client.port + 1}"):
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            await client.ws_connect("/ws", headers={"Origin": origin})
+        assert info.value.status == 403, origin
+    assert client.server.app[BRIDGE].session_count == 0
+
+
+async def test_same_origin_and_no_origin_are_accepted(gateway_client, server):
+    client = await gateway_client(server.port)
+    origin = f"http://{client.host}:{client.port}"
+    async with client.ws_connect("/ws", headers={"Origin": origin}) as ws:
+        await join(ws, "same")
+    async with client.ws_connect("/ws") as ws:  # no Origin: not a browser
+        await join(ws, "tool")
+
+
+async def test_allowed_origin_option(gateway_client, server):
+    client = await gateway_client(server.port,
+                                  allowed_origins=frozenset({"https://chat.example.org"}))
+    async with client.ws_connect("/ws", headers={"Origin": "https://chat.example.org"}) as ws:
+        await join(ws, "proxied")
+    with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+        await client.ws_connect("/ws", headers={"Origin": "https://other.example.org"})
+    assert info.value.status == 403
+
+
+async def test_sessions_per_address_are_capped_429(gateway_client, server):
+    client = await gateway_client(server.port, max_sessions_per_ip=2, trusted_proxies=LOOPBACK)
+    bridge = client.server.app[BRIDGE]
+    first = await client.ws_connect("/ws")
+    second = await client.ws_connect("/ws")
+    with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+        await client.ws_connect("/ws")
+    assert info.value.status == 429
+    # Another (proxied) address has its own allowance.
+    other = await client.ws_connect("/ws", headers={"X-Forwarded-For": "203.0.113.9"})
+    await first.close()
+    await eventually(lambda: bridge.per_address["127.0.0.1"] == 1)
+    third = await client.ws_connect("/ws")
+    await join(third, "third")
+    for ws in (second, other, third):
+        await ws.close()
+    await eventually(lambda: not bridge.per_address)
+
+
+async def test_plain_get_on_ws_and_shutting_down(gateway_client, server):
+    client = await gateway_client(server.port)
+    bridge = client.server.app[BRIDGE]
+    assert (await client.get("/ws")).status == 400  # not an upgrade
+    assert not bridge.per_address
+    await bridge.shutdown(client.server.app)
+    with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+        await client.ws_connect("/ws")
+    assert info.value.status == 503
+
+
+# --- /health -----------------------------------------------------------------
+
+async def test_health_ok_and_the_probe_never_joins(gateway_client, server, member):
+    client = await gateway_client(server.port)
+    response = await client.get("/health")
+    assert response.status == 200
+    body = await response.json()
+    assert body["status"] == "ok"
+    assert body["chat_server"]["reachable"] is True
+    assert body["chat_server"]["address"] == f"127.0.0.1:{server.port}"
+    assert 0 < body["chat_server"]["rtt_ms"] < 1000
+    assert body["sessions"] == 0 and body["version"] == gateway.__version__
+    assert body["uptime_s"] >= 0
+    # The room saw nothing: alice's next frames are only the who reply.
+    await in_thread(member.send, {"type": "who"})
+    members, seen = await in_thread(member.recv_until, lambda m: m["type"] == "members")
+    assert members["members"] == ["alice@127.0.0.1"] and seen == []
+    server.wait_log(r"closed 127\.0\.0\.1")  # the probe hung up
+
+
+async def test_health_unavailable_503(gateway_client):
+    port = free_port()
+    client = await gateway_client(port)
+    response = await client.get("/health")
+    assert response.status == 503
+    body = await response.json()
+    assert body["status"] == "unavailable"
+    assert body["chat_server"] == {"reachable": False, "rtt_ms": None,
+                                   "address": f"127.0.0.1:{port}"}
+
+
+async def test_health_times_out_on_a_silent_server(gateway_client):
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts, never answers
+        client = await gateway_client(silent.getsockname()[1], health_timeout=0.3)
+        started = asyncio.get_running_loop().time()
+        response = await client.get("/health")
+        assert response.status == 503
+        assert asyncio.get_running_loop().time() - started < 2
+
+
+async def test_health_is_cached_so_polling_cannot_flood_the_server(gateway_client, server):
+    client = await gateway_client(server.port, health_cache=30)
+    responses = await asyncio.gather(*(client.get("/health") for _ in range(50)))
+    assert [r.status for r in responses] == [200] * 50
+    for _ in range(20):
+        assert (await client.get("/health")).status == 200
+    assert client.server.app[PROBE].probes == 1
+    server.wait_log("connect from")
+    await asyncio.sleep(0.2)
+    assert server.log_text().count("connect from") == 1
+
+
+async def test_concurrent_checks_share_one_probe(gateway_client, server):
+    client = await gateway_client(server.port, health_cache=0)
+    probe = client.server.app[PROBE]
+    results = await asyncio.gather(*(probe.check() for _ in range(30)))
+    assert all(r.reachable for r in results)
+    assert probe.probes == 1
+    await probe.check()  # the cache is off: a later check probes again
+    assert probe.probes == 2
+
+
+# --- /metrics, headers, page -------------------------------------------------
+
+def samples(text: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return out
+
+
+async def test_metrics_count_sessions_messages_and_closes(gateway_client, server):
+    client = await gateway_client(server.port)
+    async with client.ws_connect("/ws") as ws:
+        await join(ws, "web")  # hello out; welcome and own join back
+        await ws.send_json({"type": "say", "text": "one"})
+        await recv_until(ws, lambda m: m["type"] == "message")
+        await ws.send_str("junk")
+        await recv_json(ws)
+        response = await client.get("/metrics")
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain")
+        now = samples(await response.text())
+        assert now["gateway_sessions"] == 1
+        assert now["gateway_messages_relayed_total{direction=to_server}"] == 2
+        assert now["gateway_messages_relayed_total{direction=to_browser}"] == 3
+        assert now["gateway_messages_rejected_total"] == 1
+    await eventually(lambda: client.server.app[BRIDGE].session_count == 0)
+    after = samples(await (await client.get("/metrics")).text())
+    assert after["gateway_sessions"] == 0
+    assert after["gateway_session_closes_total{reason=browser_closed}"] == 1
+    assert after["gateway_upstream_connect_failures_total"] == 0
+
+
+async def test_apps_have_separate_registries(gateway_client, server):
+    first = await gateway_client(server.port)
+    second = await gateway_client(server.port)
+    async with first.ws_connect("/ws") as ws:
+        await join(ws, "web")
+    assert metric(first.server.app, "gateway_messages_relayed_total", direction="to_server") == 1
+    assert metric(second.server.app, "gateway_messages_relayed_total", direction="to_server") == 0
+
+
+async def test_security_headers_on_every_response(gateway_client, server):
+    client = await gateway_client(server.port)
+    responses = [await client.get(path) for path in
+                 ("/", "/health", "/metrics", "/static/chat.js", "/no-such-page")]
+    assert [r.status for r in responses] == [200, 200, 200, 200, 404]
+    with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+        await client.ws_connect("/ws", headers={"Origin": "http://evil.example"})
+    header_sets = [r.headers for r in responses] + [info.value.headers]
+    async with client.ws_connect("/ws") as ws:  # the 101 upgrade too
+        header_sets.append(ws._response.headers)
+    for headers in header_sets:
+        for name, value in SECURITY_HEADERS.items():
+            assert headers.get(name) == value, (name, headers)
+    assert SECURITY_HEADERS["Content-Security-Policy"] == "default-src 'self'; connect-src 'self'"
+
+
+async def test_page_and_static_files(gateway_client, server):
+    client = await gateway_client(server.port)
+    app = client.server.app
+    page = await client.get("/")
+    assert page.status == 200 and page.content_type == "text/html"
+    assert gateway.__version__ in await page.text()
+    import aiohttp_jinja2
+
+    assert aiohttp_jinja2.get_env(app).autoescape is True
+    for name in ("chat.js", "chat.css"):
+        response = await client.get(f"/static/{name}")
+        assert response.status == 200, name
+        assert await response.read() == (app[gateway.app.STATIC_DIR] / name).read_bytes()
+    assert (await client.get("/static/../pyproject.toml")).status in (403, 404)
