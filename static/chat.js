@@ -1,0 +1,850 @@
+/* The chat room page: one WebSocket to the gateway, which relays the chat
+ * protocol (tcpserver/PROTOCOL.md) as JSON text.  No HTML is ever built from
+ * chat text: everything from the wire goes in through textContent. */
+(function () {
+  "use strict";
+
+  // Reconnect delays double from the base up to the cap; each is drawn from
+  // the upper half of its window ("equal jitter") so a room full of pages
+  // that lost the same gateway does not return in one burst.
+  var BACKOFF_BASE_MS = 500;
+  var BACKOFF_CAP_MS = 15000;
+  // After a reconnect the server may not have noticed the old session gone
+  // yet (a dead link is only found by its idle timeout, 60 s by default).
+  var NAME_TAKEN_RETRY_MS = 2000;
+  var NAME_TAKEN_GIVE_UP_MS = 90000;
+  // Silence this long draws our own ping; no answer this soon after it and
+  // the link is taken for dead.
+  var HEARTBEAT_IDLE_MS = 25000;
+  var HEARTBEAT_WAIT_MS = 10000;
+  // A history reply that never comes must not hold live events back forever.
+  var CATCHUP_TIMEOUT_MS = 10000;
+  // Oldest transcript entries are dropped past this many.
+  var MAX_TRANSCRIPT = 2000;
+  var NAME_RE = /^[A-Za-z0-9._-]{1,32}$/;
+
+  var LEAVE_REASONS = {
+    quit: "left",
+    hung_up: "left (connection lost)",
+    timed_out: "left (timed out)",
+    slow_reader: "was disconnected (could not keep up)",
+    flooding: "was disconnected (sending too fast)",
+    protocol_error: "was disconnected (protocol error)",
+    shutdown: "left (the server shut down)"
+  };
+
+  var ERROR_TEXT = {
+    name_taken: "That name is taken. Try another.",
+    name_invalid: "Use 1\u201332 letters, digits, -, _ or . (not \u201cserver\u201d).",
+    no_such_member: "No one by that name is here.",
+    rate_limited: "You are sending too fast; that message was dropped.",
+    flooding: "Disconnected for sending too fast.",
+    bad_message: "The server could not accept that message.",
+    server_full: "The room is full. Try again later.",
+    too_many_connections: "Too many connections from your address.",
+    hello_timeout: "The server gave up waiting for your name.",
+    shutting_down: "The server is shutting down."
+  };
+
+  var STATUS_TEXT = {
+    connecting: "Connecting\u2026",
+    connected: "Connected",
+    reconnecting: "Reconnecting\u2026",
+    offline: "Offline"
+  };
+
+  var $ = function (id) { return document.getElementById(id); };
+  var el = {
+    app: $("app"),
+    status: $("status"),
+    statusText: $("status-text"),
+    joinView: $("join-view"),
+    joinForm: $("join-form"),
+    joinName: $("join-name"),
+    joinButton: $("join-button"),
+    joinError: $("join-error"),
+    chatView: $("chat-view"),
+    transcript: $("transcript"),
+    compose: $("compose"),
+    composeTo: $("compose-to"),
+    composeText: $("compose-text"),
+    composeError: $("compose-error"),
+    leaveButton: $("leave-button"),
+    memberList: $("member-list"),
+    memberCount: $("member-count")
+  };
+
+  var state = {
+    ws: null,
+    name: null,          // the name asked for
+    label: null,         // our name@address once welcomed
+    wanted: false,       // the user wants to be in the room
+    joined: false,       // welcomed on the current socket
+    everJoined: false,   // welcomed at least once since the user pressed Join
+    joinPending: false,  // Join pressed, no welcome or refusal yet
+    lastSeq: 0,          // highest room event seq rendered
+    memberBase: 0,       // welcome's last_seq: the member list is as of this seq
+    members: new Map(),  // label -> true, in arrival order
+    memberChunks: null,  // labels being collected while "more" is true
+    catchup: null,       // {after, remaining, timer} while a history reply is due
+    pending: new Map(),  // seq -> event held back until the gap before it fills
+    attempt: 0,
+    reconnectTimer: 0,
+    helloTimer: 0,
+    nameTakenSince: 0,
+    lastRecv: 0,
+    pingSentAt: 0,
+    pingCount: 0
+  };
+
+  // --- small helpers ----------------------------------------------------
+
+  function nameOf(label) {
+    var at = String(label).indexOf("@");
+    return at < 0 ? String(label) : String(label).slice(0, at);
+  }
+
+  function addressOf(label) {
+    var at = String(label).indexOf("@");
+    return at < 0 ? "" : String(label).slice(at + 1);
+  }
+
+  function span(className, text) {
+    var node = document.createElement("span");
+    node.className = className;
+    node.textContent = text;
+    return node;
+  }
+
+  function timeNode(ts) {
+    var node = document.createElement("time");
+    var date = new Date(typeof ts === "number" ? ts : Date.now());
+    node.className = "time";
+    node.dateTime = date.toISOString();
+    node.title = date.toLocaleString();
+    node.textContent = date.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+    return node;
+  }
+
+  function send(message) {
+    if (!state.ws || state.ws.readyState !== WebSocket.OPEN) {
+      return false;
+    }
+    state.ws.send(JSON.stringify(message));
+    return true;
+  }
+
+  function setStatus(kind, detail) {
+    el.status.dataset.state = kind;
+    el.statusText.textContent = detail ? STATUS_TEXT[kind] + " " + detail : STATUS_TEXT[kind];
+  }
+
+  function showChat(on) {
+    el.joinView.hidden = on;
+    el.chatView.hidden = !on;
+    el.app.dataset.joined = on ? "true" : "false";
+  }
+
+  function setJoinError(text) {
+    el.joinError.textContent = text || "";
+    el.joinName.setAttribute("aria-invalid", text ? "true" : "false");
+  }
+
+  function setComposeError(text) {
+    el.composeError.textContent = text || "";
+  }
+
+  function setJoinBusy(busy) {
+    el.joinButton.disabled = busy;
+    el.joinButton.textContent = busy ? "Joining\u2026" : "Join";
+  }
+
+  // --- transcript ---------------------------------------------------------
+
+  function nearBottom() {
+    var t = el.transcript;
+    return t.scrollHeight - t.scrollTop - t.clientHeight < 48;
+  }
+
+  function append(item) {
+    var stick = nearBottom();
+    el.transcript.appendChild(item);
+    while (el.transcript.childElementCount > MAX_TRANSCRIPT) {
+      el.transcript.removeChild(el.transcript.firstElementChild);
+    }
+    if (stick) {
+      el.transcript.scrollTop = el.transcript.scrollHeight;
+    }
+  }
+
+  function entry(classes, ts) {
+    var item = document.createElement("li");
+    item.className = "entry " + classes;
+    item.appendChild(timeNode(ts));
+    return item;
+  }
+
+  function sender(label) {
+    var node = span("sender", nameOf(label));
+    node.title = label;
+    return node;
+  }
+
+  function youMark(item, srText) {
+    var badge = span("you-badge", "you");
+    badge.setAttribute("aria-hidden", "true");
+    item.appendChild(badge);
+    item.appendChild(span("visually-hidden", srText));
+  }
+
+  function notice(text, kind) {
+    var item = entry("notice system" + (kind ? " " + kind : ""), Date.now());
+    item.appendChild(span("text", text));
+    append(item);
+  }
+
+  function renderMessage(ev) {
+    var mine = ev.from === state.label;
+    var item = entry("message" + (mine ? " mine" : ""), ev.ts);
+    item.dataset.seq = String(ev.seq);
+    item.appendChild(sender(ev.from));
+    if (mine) {
+      youMark(item, "(your message)");
+    }
+    item.appendChild(span("text", ev.text));
+    append(item);
+  }
+
+  function renderMembership(ev) {
+    var mine = ev.member === state.label;
+    var item = entry("notice " + ev.type + (mine ? " mine" : ""), ev.ts);
+    item.dataset.seq = String(ev.seq);
+    item.appendChild(sender(ev.member));
+    if (mine) {
+      youMark(item, "(you)");
+    }
+    var what = ev.type === "join" ? "joined"
+      : (LEAVE_REASONS[ev.reason] || "left (" + String(ev.reason) + ")");
+    item.appendChild(span("text", " " + what));
+    append(item);
+  }
+
+  function renderPrivate(ev) {
+    var fromMe = ev.from === state.label;
+    var toMe = ev.to === state.label;
+    var item = entry("private" + (fromMe ? " mine" : ""), ev.ts);
+    var head = span("private-tag", "");
+    head.appendChild(document.createTextNode("private "));
+    if (fromMe) {
+      head.appendChild(document.createTextNode(toMe ? "note to yourself" : "to "));
+      if (!toMe) {
+        head.appendChild(sender(ev.to));
+      }
+    } else {
+      head.appendChild(document.createTextNode("from "));
+      head.appendChild(sender(ev.from));
+    }
+    item.appendChild(head);
+    if (fromMe) {
+      item.appendChild(span("visually-hidden", "(your private message)"));
+    }
+    item.appendChild(span("text", ev.text));
+    append(item);
+  }
+
+  // --- room events: dedupe and order by seq -------------------------------
+
+  function roomEvent(ev) {
+    if (typeof ev.seq !== "number") {
+      return;
+    }
+    var catchup = state.catchup;
+    if (catchup && catchup.remaining > 0) {
+      catchup.remaining -= 1;
+    }
+    if (ev.seq > state.lastSeq) {
+      if (catchup && ev.seq !== state.lastSeq + 1) {
+        // A gap before it: hold it until the history reply fills the gap.
+        state.pending.set(ev.seq, ev);
+      } else {
+        render(ev);
+        drainPending(false);
+      }
+    }
+    if (catchup && catchup.remaining === 0) {
+      finishCatchup();
+    }
+  }
+
+  function render(ev) {
+    state.lastSeq = ev.seq;
+    state.pending.delete(ev.seq);
+    if (ev.seq > state.memberBase) {
+      if (ev.type === "join") {
+        addMember(ev.member);
+      } else if (ev.type === "leave") {
+        removeMember(ev.member);
+      }
+    }
+    if (ev.type === "message") {
+      renderMessage(ev);
+    } else {
+      renderMembership(ev);
+      if (ev.type === "join" && ev.member === state.label) {
+        el.transcript.setAttribute("aria-busy", "false");
+      }
+    }
+  }
+
+  // Render held events: in order only, or (force) across a gap that
+  // can no longer be filled.
+  function drainPending(force) {
+    var seqs = Array.from(state.pending.keys()).sort(function (a, b) { return a - b; });
+    for (var i = 0; i < seqs.length; i++) {
+      var seq = seqs[i];
+      if (seq <= state.lastSeq) {
+        state.pending.delete(seq);
+      } else if (seq === state.lastSeq + 1 || force) {
+        if (seq !== state.lastSeq + 1) {
+          var lost = seq - state.lastSeq - 1;
+          notice(lost + (lost === 1 ? " event was" : " events were") +
+                 " missed while you were away (older than the server keeps).", "warning");
+        }
+        render(state.pending.get(seq));
+      } else {
+        return;
+      }
+    }
+  }
+
+  function startCatchup(after) {
+    state.catchup = {
+      after: after,
+      remaining: -1,  // unknown until the history header arrives
+      timer: window.setTimeout(finishCatchup, CATCHUP_TIMEOUT_MS)
+    };
+    send({ type: "history", after: after });
+  }
+
+  function onHistoryHeader(msg) {
+    var catchup = state.catchup;
+    if (!catchup || catchup.remaining !== -1 || msg.after !== catchup.after) {
+      return;  // not ours; its events are deduped by seq anyway
+    }
+    catchup.remaining = msg.count;
+    if (msg.count === 0) {
+      finishCatchup();
+    }
+  }
+
+  function finishCatchup() {
+    if (!state.catchup) {
+      return;
+    }
+    window.clearTimeout(state.catchup.timer);
+    state.catchup = null;
+    drainPending(true);
+  }
+
+  // --- members ------------------------------------------------------------
+
+  function setMembers(labels) {
+    state.members = new Map();
+    labels.forEach(function (label) { state.members.set(label, true); });
+    renderMembers();
+  }
+
+  function collectMembers(labels, more) {
+    state.memberChunks = (state.memberChunks || []).concat(labels || []);
+    if (!more) {
+      var all = state.memberChunks;
+      state.memberChunks = null;
+      setMembers(all);
+    }
+  }
+
+  function addMember(label) {
+    if (!state.members.has(label)) {
+      state.members.set(label, true);
+      renderMembers();
+    }
+  }
+
+  function removeMember(label) {
+    if (state.members.delete(label)) {
+      renderMembers();
+    }
+  }
+
+  function sortedMembers() {
+    return Array.from(state.members.keys()).sort(function (a, b) {
+      if (a === state.label) { return -1; }
+      if (b === state.label) { return 1; }
+      return a.toLowerCase() < b.toLowerCase() ? -1 : a.toLowerCase() > b.toLowerCase() ? 1 : 0;
+    });
+  }
+
+  function renderMembers() {
+    var labels = sortedMembers();
+    var list = el.memberList;
+    var focused = document.activeElement && list.contains(document.activeElement)
+      ? document.activeElement.dataset.label : null;
+    list.textContent = "";
+    labels.forEach(function (label) {
+      var item = document.createElement("li");
+      item.className = "member" + (label === state.label ? " mine" : "");
+      item.dataset.label = label;
+      var body;
+      if (label === state.label) {
+        body = document.createElement("span");
+        body.className = "member-body";
+      } else {
+        body = document.createElement("button");
+        body.type = "button";
+        body.className = "member-body";
+        body.dataset.label = label;
+        body.setAttribute("aria-label", "Message " + nameOf(label) + " privately");
+        body.addEventListener("click", function () { chooseRecipient(label); });
+      }
+      body.appendChild(span("member-name", nameOf(label)));
+      if (label === state.label) {
+        body.appendChild(span("you-badge", "you"));
+      }
+      body.appendChild(span("member-addr", "@" + addressOf(label)));
+      body.title = label;
+      item.appendChild(body);
+      list.appendChild(item);
+      if (focused === label && body.focus) {
+        body.focus();
+      }
+    });
+    el.memberCount.textContent = String(labels.length);
+    renderRecipients(labels);
+  }
+
+  function renderRecipients(labels) {
+    var select = el.composeTo;
+    var chosen = select.value;
+    select.textContent = "";
+    var everyone = document.createElement("option");
+    everyone.value = "";
+    everyone.textContent = "Everyone";
+    select.appendChild(everyone);
+    labels.forEach(function (label) {
+      if (label !== state.label) {
+        var option = document.createElement("option");
+        option.value = label;
+        option.textContent = nameOf(label);
+        select.appendChild(option);
+      }
+    });
+    if (chosen && !state.members.has(chosen)) {
+      // Never fall back to Everyone behind the user's back: a private
+      // message must not go to the whole room because its reader left.
+      var gone = document.createElement("option");
+      gone.value = chosen;
+      gone.textContent = nameOf(chosen) + " (not here)";
+      select.appendChild(gone);
+    }
+    select.value = chosen;
+    updatePlaceholder();
+  }
+
+  function updatePlaceholder() {
+    var to = el.composeTo.value;
+    el.composeText.placeholder = to ? "Private message to " + nameOf(to) : "Message everyone";
+    el.compose.dataset.private = to ? "true" : "false";
+  }
+
+  function chooseRecipient(label) {
+    el.composeTo.value = label;
+    updatePlaceholder();
+    el.composeText.focus();
+  }
+
+  // --- the connection -----------------------------------------------------
+
+  function wsUrl() {
+    var url = new URL("ws", window.location.href);
+    url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+    url.search = "";
+    url.hash = "";
+    return url.href;
+  }
+
+  function connect() {
+    window.clearTimeout(state.reconnectTimer);
+    window.clearTimeout(state.helloTimer);
+    setStatus(state.everJoined ? "reconnecting" : "connecting");
+    var ws;
+    try {
+      ws = new WebSocket(wsUrl());
+    } catch (err) {
+      onSocketGone(null, "cannot open a WebSocket");
+      return;
+    }
+    state.ws = ws;
+    state.joined = false;
+    ws.onopen = function () {
+      if (state.ws === ws) {
+        state.lastRecv = Date.now();
+        sendHello();
+      }
+    };
+    ws.onmessage = function (event) {
+      if (state.ws !== ws) {
+        return;
+      }
+      state.lastRecv = Date.now();
+      state.pingSentAt = 0;
+      var msg;
+      try {
+        msg = JSON.parse(event.data);
+      } catch (err) {
+        return;
+      }
+      if (msg && typeof msg === "object" && typeof msg.type === "string") {
+        handle(msg);
+      }
+    };
+    ws.onclose = function (event) {
+      if (state.ws === ws) {
+        onSocketGone(event.code, event.reason);
+      }
+    };
+  }
+
+  function sendHello() {
+    window.clearTimeout(state.helloTimer);
+    send({ type: "hello", name: state.name });
+  }
+
+  // The socket is closed or given up on; decide what happens next.
+  function onSocketGone(code, reason) {
+    var ws = state.ws;
+    state.ws = null;
+    state.joined = false;
+    window.clearTimeout(state.helloTimer);
+    if (state.catchup) {
+      window.clearTimeout(state.catchup.timer);
+      state.catchup = null;
+    }
+    if (ws) {
+      ws.onopen = ws.onmessage = ws.onclose = null;
+      if (ws.readyState === WebSocket.CONNECTING || ws.readyState === WebSocket.OPEN) {
+        ws.close(4000, "abandoned");
+      }
+    }
+    if (!state.wanted) {
+      setStatus("offline");
+      return;
+    }
+    if (!state.everJoined) {
+      // Never got in: if a Join is waiting, say why next to the form.  A
+      // socket left open after a name error just ends (the server's hello
+      // timeout); the next Join opens another.
+      state.wanted = false;
+      setStatus("offline");
+      setJoinBusy(false);
+      if (state.joinPending) {
+        state.joinPending = false;
+        setJoinError(closeText(code, reason));
+      }
+      showChat(false);
+      return;
+    }
+    if (state.attempt === 0) {
+      notice("Connection lost" + (reason ? ": " + reason : "") + ". Reconnecting\u2026", "warning");
+    }
+    scheduleReconnect();
+  }
+
+  function closeText(code, reason) {
+    if (ERROR_TEXT[reason]) {
+      return ERROR_TEXT[reason];
+    }
+    if (reason) {
+      return "Could not join: " + reason;
+    }
+    return code === 1011 ? "The chat server is unreachable. Try again later."
+      : "Could not reach the chat server. Try again later.";
+  }
+
+  function scheduleReconnect() {
+    window.clearTimeout(state.reconnectTimer);
+    if (navigator.onLine === false) {
+      setStatus("offline", "\u2014 waiting for the network");
+      return;  // the "online" event reconnects
+    }
+    var window_ = Math.min(BACKOFF_CAP_MS, BACKOFF_BASE_MS * Math.pow(2, state.attempt));
+    var delay = window_ / 2 + Math.random() * window_ / 2;
+    state.attempt += 1;
+    setStatus("reconnecting");
+    state.reconnectTimer = window.setTimeout(connect, delay);
+  }
+
+  function handle(msg) {
+    switch (msg.type) {
+      case "welcome": onWelcome(msg); break;
+      case "members": collectMembers(msg.members, msg.more); break;
+      case "message":
+      case "join":
+      case "leave": roomEvent(msg); break;
+      case "history": onHistoryHeader(msg); break;
+      case "private": renderPrivate(msg); break;
+      case "error": onError(msg); break;
+      case "ping":
+        send(msg.token === undefined ? { type: "pong" } : { type: "pong", token: msg.token });
+        break;
+      case "shutdown":
+        notice(msg.message || "The server is shutting down.", "warning");
+        break;
+      default:
+        break;  // pong, and anything newer than this page
+    }
+  }
+
+  function onWelcome(msg) {
+    var resuming = state.everJoined;
+    state.joinPending = false;
+    state.joined = true;
+    state.everJoined = true;
+    state.attempt = 0;
+    state.nameTakenSince = 0;
+    state.label = msg.label;
+    state.name = msg.name;
+    setStatus("connected", "as " + msg.name);
+    setJoinBusy(false);
+    setJoinError("");
+    setComposeError("");
+    showChat(true);
+    if (resuming && msg.last_seq < state.lastSeq) {
+      // Sequence numbers went backwards: a new chat server process.
+      notice("The chat server restarted; a new transcript starts here.", "warning");
+      state.lastSeq = 0;
+      state.pending.clear();
+    }
+    state.memberBase = msg.last_seq;
+    state.memberChunks = null;
+    collectMembers(msg.members, msg.more);
+    if (msg.history > 0) {
+      el.transcript.setAttribute("aria-busy", "true");
+    }
+    if (resuming) {
+      notice("Reconnected.", "ok");
+      if (state.lastSeq > 0) {
+        startCatchup(state.lastSeq);
+      }
+    } else {
+      el.composeText.focus();
+    }
+  }
+
+  function onError(msg) {
+    var code = msg.code;
+    var text = code === "name_taken"
+      ? "The name \u201c" + state.name + "\u201d is taken. Try another."
+      : ERROR_TEXT[code] || msg.message || code;
+    if (!state.joined && (code === "name_taken" || code === "name_invalid")) {
+      if (!state.everJoined) {
+        // The socket stays open: the next Join sends another hello on it.
+        state.joinPending = false;
+        setStatus("offline");
+        setJoinBusy(false);
+        setJoinError(text);
+        el.joinName.focus();
+        return;
+      }
+      if (code === "name_taken") {
+        // Probably our own old session, not yet noticed gone.
+        var now = Date.now();
+        state.nameTakenSince = state.nameTakenSince || now;
+        if (now - state.nameTakenSince < NAME_TAKEN_GIVE_UP_MS) {
+          setStatus("reconnecting", "\u2014 waiting for the old session to end");
+          state.helloTimer = window.setTimeout(sendHello, NAME_TAKEN_RETRY_MS);
+          return;
+        }
+      }
+      giveUp(text);
+      return;
+    }
+    if (!state.everJoined) {
+      if (state.joinPending) {
+        setJoinError(text);
+      }
+      return;
+    }
+    setComposeError(text);
+  }
+
+  // Stop reconnecting and hand the choice back to the user.
+  function giveUp(text) {
+    state.wanted = false;
+    state.everJoined = false;
+    var ws = state.ws;
+    if (ws) {
+      state.ws = null;
+      ws.onopen = ws.onmessage = ws.onclose = null;
+      ws.close(1000, "left");
+    }
+    setStatus("offline");
+    setJoinBusy(false);
+    setJoinError(text);
+    showChat(false);
+    el.joinName.focus();
+  }
+
+  function heartbeat() {
+    if (!state.ws || !state.joined) {
+      return;
+    }
+    var now = Date.now();
+    if (state.pingSentAt && now - state.pingSentAt > HEARTBEAT_WAIT_MS) {
+      onSocketGone(null, "no answer from the gateway");
+    } else if (!state.pingSentAt && now - state.lastRecv > HEARTBEAT_IDLE_MS) {
+      state.pingCount += 1;
+      state.pingSentAt = now;
+      send({ type: "ping", token: "page-" + state.pingCount });
+    }
+  }
+
+  // --- user actions -------------------------------------------------------
+
+  function resetRoom() {
+    state.lastSeq = 0;
+    state.memberBase = 0;
+    state.pending.clear();
+    state.catchup = null;
+    state.label = null;
+    el.transcript.textContent = "";
+    setMembers([]);
+  }
+
+  function onJoinSubmit(event) {
+    event.preventDefault();
+    var name = el.joinName.value.trim();
+    if (!NAME_RE.test(name) || name.toLowerCase() === "server") {
+      setJoinError(ERROR_TEXT.name_invalid);
+      el.joinName.focus();
+      return;
+    }
+    setJoinError("");
+    setJoinBusy(true);
+    setStatus("connecting");
+    state.joinPending = true;
+    state.name = name;
+    state.wanted = true;
+    state.attempt = 0;
+    resetRoom();
+    if (state.ws && state.ws.readyState === WebSocket.OPEN && !state.joined) {
+      sendHello();  // the socket stays open after a name error
+    } else if (!state.ws) {
+      connect();
+    }
+  }
+
+  function onComposeSubmit(event) {
+    event.preventDefault();
+    var text = el.composeText.value;
+    if (!text.trim()) {
+      return;
+    }
+    var message = parseCommand(text);
+    if (message === null) {
+      return;
+    }
+    if (message.type === "quit") {
+      leave();
+      return;
+    }
+    if (!state.joined || !send(message)) {
+      setComposeError("Not connected: your message was not sent.");
+      return;
+    }
+    setComposeError("");
+    el.composeText.value = "";
+  }
+
+  // Slash commands; anything else goes to the chosen recipient.
+  function parseCommand(text) {
+    var match = /^\/(\w+)(?:\s+([\s\S]*))?$/.exec(text.trim());
+    if (match) {
+      var command = match[1].toLowerCase();
+      var rest = match[2] || "";
+      if (command === "msg" || command === "w") {
+        var parts = /^(\S+)\s+([\s\S]+)$/.exec(rest);
+        if (!parts || !parts[2].trim()) {
+          setComposeError("Usage: /msg name text");
+          return null;
+        }
+        return { type: "private", to: parts[1], text: parts[2] };
+      }
+      if (command === "who") {
+        return { type: "who" };
+      }
+      if (command === "quit") {
+        return { type: "quit" };
+      }
+    }
+    var to = el.composeTo.value;
+    return to ? { type: "private", to: to, text: text } : { type: "say", text: text };
+  }
+
+  function leave() {
+    state.wanted = false;
+    state.everJoined = false;
+    window.clearTimeout(state.reconnectTimer);
+    window.clearTimeout(state.helloTimer);
+    var ws = state.ws;
+    if (ws && ws.readyState === WebSocket.OPEN && state.joined) {
+      ws.send(JSON.stringify({ type: "quit" }));
+      // The server closes after quit; don't wait on it forever.
+      window.setTimeout(function () {
+        if (ws.readyState === WebSocket.OPEN) { ws.close(1000, "left"); }
+      }, 2000);
+    } else if (ws) {
+      ws.close(1000, "left");
+    }
+    state.ws = null;
+    state.joined = false;
+    if (ws) {
+      ws.onopen = ws.onmessage = ws.onclose = null;
+    }
+    setStatus("offline");
+    setJoinBusy(false);
+    showChat(false);
+    el.joinName.value = state.name || "";
+    el.joinName.focus();
+  }
+
+  el.joinForm.addEventListener("submit", onJoinSubmit);
+  el.compose.addEventListener("submit", onComposeSubmit);
+  el.composeTo.addEventListener("change", updatePlaceholder);
+  el.leaveButton.addEventListener("click", leave);
+  el.composeText.addEventListener("keydown", function (event) {
+    if (event.key === "Escape" && el.composeTo.value) {
+      el.composeTo.value = "";
+      updatePlaceholder();
+    }
+  });
+  window.addEventListener("online", function () {
+    if (state.wanted && !state.ws) {
+      state.attempt = 0;
+      connect();
+    }
+  });
+  window.addEventListener("offline", function () {
+    if (state.wanted && !state.ws) {
+      setStatus("offline", "\u2014 waiting for the network");
+    }
+  });
+  // Closing the tab is leaving: the room then reads "left", not "connection lost".
+  window.addEventListener("pagehide", function () {
+    if (state.joined) {
+      send({ type: "quit" });
+    }
+  });
+  window.setInterval(heartbeat, 5000);
+  setStatus("offline");
+  el.joinName.focus();
+}());

@@ -1,0 +1,218 @@
+"""Helpers for the browser tests: the gateway and terminal client as
+subprocesses, Chromium's location, and a few page actions."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]
+# Every wait on the page is bounded by this (milliseconds).
+TIMEOUT_MS = 10_000
+SERVING = re.compile(r"serving on http://(\S+?):(\d+)/")
+
+
+def require_chromium() -> None:
+    """Skip when Chromium or Playwright is missing, except under CI=true,
+    where a browser test that cannot run is a failure."""
+    problem = None
+    if not os.access(CHROMIUM, os.X_OK):
+        problem = f"{CHROMIUM} is not installed"
+    else:
+        try:
+            import playwright.sync_api  # noqa: F401
+        except ImportError as exc:
+            problem = f"playwright is not importable: {exc}"
+    if problem is None:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"browser tests must run under CI: {problem}")
+    pytest.skip(problem)
+
+
+class GatewayProcess:
+    """``python -m gateway`` in a subprocess; ``url`` is read from its
+    ``serving on http://HOST:PORT/`` log line."""
+
+    def __init__(self, log_dir: Path, chat_port: int, http_port: int = 0,
+                 *args: str) -> None:
+        self.log_path = log_dir / f"gateway-{time.monotonic_ns()}.log"
+        self._log = open(self.log_path, "w+b")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", f"--http-port={http_port}",
+             "--chat-host=127.0.0.1", f"--chat-port={chat_port}", *args],
+            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
+        )
+        self.host, self.port = self._wait_serving()
+        self.url = f"http://{self.host}:{self.port}/"
+
+    def _wait_serving(self, timeout: float = 10.0) -> tuple[str, int]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = SERVING.search(self.log_text())
+            if match:
+                return match.group(1), int(match.group(2))
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        self.kill()
+        raise RuntimeError(f"gateway did not start:\n{self.log_text()}")
+
+    def log_text(self) -> str:
+        return self.log_path.read_bytes().decode(errors="replace")
+
+    def terminate(self, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout)
+        self._log.close()
+        return code
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(5)
+        self._log.close()
+
+
+class TerminalClient:
+    """``python -m tcpserver --name=NAME --port=N`` with stdin and stdout
+    piped: each line written is sent, each room line it prints is kept."""
+
+    def __init__(self, name: str, port: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tcpserver", f"--name={name}", f"--port={port}"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            cwd=ROOT, text=True, encoding="utf-8", bufsize=1,
+        )
+        self.lines: list[str] = []
+        self._new: queue.Queue[str] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._new.put(line.rstrip("\n"))
+
+    def _collect(self, timeout: float) -> None:
+        try:
+            self.lines.append(self._new.get(timeout=timeout))
+            while True:
+                self.lines.append(self._new.get_nowait())
+        except queue.Empty:
+            pass
+
+    def wait_line(self, pattern: str, timeout: float = 10.0) -> str:
+        """Return the first line (seen so far or within ``timeout``)
+        matching ``pattern``; raise AssertionError with the output if none."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in self.lines:
+                if re.search(pattern, line):
+                    return line
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(
+                    f"{pattern!r} not in the terminal client's output:\n" + "\n".join(self.lines))
+            self._collect(min(remaining, 0.2))
+
+    def has_line(self, pattern: str) -> bool:
+        self._collect(0)
+        return any(re.search(pattern, line) for line in self.lines)
+
+    def send_line(self, text: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(text + "\n")
+        self.proc.stdin.flush()
+
+    def close(self, timeout: float = 10.0) -> int:
+        """End its input (it quits) and return its exit status."""
+        if self.proc.stdin and not self.proc.stdin.closed:
+            try:
+                self.proc.stdin.close()
+            except BrokenPipeError:
+                pass
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.kill()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(5)
+        if self.proc.stdin and not self.proc.stdin.closed:
+            try:
+                self.proc.stdin.close()
+            except BrokenPipeError:
+                pass
+        self._reader.join(5)
+        if self.proc.stdout:
+            self.proc.stdout.close()
+
+
+# --- page actions ------------------------------------------------------------
+
+def join(page, name: str) -> None:
+    """Type ``name`` in the join form, press Enter, wait until in the room."""
+    from playwright.sync_api import expect
+
+    page.fill("#join-name", name)
+    page.press("#join-name", "Enter")
+    expect(page.locator("#status")).to_have_attribute("data-state", "connected")
+    expect(page.locator("#transcript li.join.mine")).to_have_count(1)
+
+
+def say(page, text: str) -> None:
+    """Type ``text`` in the message box and press Enter."""
+    from playwright.sync_api import expect
+
+    page.fill("#compose-text", text)
+    page.press("#compose-text", "Enter")
+    expect(page.locator("#compose-text")).to_have_value("")
+
+
+def message_entry(page, sender: str, text: str):
+    """Locator for room messages from ``sender`` (a name) whose text is ``text``."""
+    return (page.locator("#transcript li.message")
+            .filter(has=page.locator(".sender", has_text=re.compile(f"^{re.escape(sender)}$")))
+            .filter(has=page.locator(".text", has_text=re.compile(f"^{re.escape(text)}$"))))
+
+
+def notice_entry(page, kind: str, name: str):
+    """Locator for ``join`` or ``leave`` notices about member ``name``."""
+    return (page.locator(f"#transcript li.{kind}")
+            .filter(has=page.locator(".sender", has_text=re.compile(f"^{re.escape(name)}$"))))
+
+
+def member_names(page) -> list[str]:
+    return page.eval_on_selector_all(
+        "#member-list .member-name", "els => els.map(e => e.textContent)")
+
+
+def room_entries(page) -> list[dict]:
+    """Every room event in the transcript: seq, kind and text, in page order."""
+    return page.eval_on_selector_all(
+        "#transcript li[data-seq]",
+        """els => els.map(e => ({
+            seq: Number(e.dataset.seq),
+            kind: e.classList.contains('message') ? 'message'
+                : e.classList.contains('join') ? 'join' : 'leave',
+            sender: e.querySelector('.sender').textContent,
+            text: e.querySelector('.text').textContent.trim(),
+        }))""")

@@ -1,0 +1,507 @@
+"""The page in real headless Chromium, through the real gateway, against the
+real chat server, with terminal clients and raw clients in the same room."""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+import time
+
+import pytest
+
+from browser_helpers import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    TIMEOUT_MS,
+    GatewayProcess,
+    TerminalClient,
+    join,
+    member_names,
+    message_entry,
+    notice_entry,
+    require_chromium,
+    room_entries,
+    say,
+)
+from conftest import ARTIFACTS
+
+pytestmark = pytest.mark.browser
+
+PHONE = {"width": 375, "height": 740}
+DESKTOP = {"width": 1200, "height": 760}
+
+
+@pytest.fixture(scope="module")
+def browser():
+    require_chromium()
+    from playwright.sync_api import expect, sync_playwright
+
+    expect.set_options(timeout=TIMEOUT_MS)
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
+                                      headless=True, timeout=TIMEOUT_MS)
+        yield chromium
+        chromium.close()
+
+
+class Pages:
+    """Opens pages, each in its own browser context (its own cookies and
+    sockets), and records console errors, page errors and dialogs."""
+
+    def __init__(self, browser) -> None:
+        self.browser = browser
+        self.contexts = []
+        self.problems: list[str] = []
+        self.dialogs: list[str] = []
+        self.sockets: list[str] = []  # URLs of every WebSocket the pages opened
+        self.sent: list[list[dict]] = []  # per WebSocket, the messages the page sent
+        self.received: list[list[dict]] = []  # per WebSocket, what the gateway relayed
+
+    def open(self, url: str, viewport: dict = DESKTOP):
+        context = self.browser.new_context(viewport=viewport)
+        self.contexts.append(context)
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.on("console", lambda m: m.type == "error" and self.problems.append(m.text))
+        page.on("pageerror", lambda e: self.problems.append(str(e)))
+        page.on("dialog", self._on_dialog)
+        page.on("websocket", self._on_websocket)
+        page.goto(url)
+        return page
+
+    def _on_dialog(self, dialog) -> None:
+        self.dialogs.append(dialog.message)
+        dialog.dismiss()
+
+    def _on_websocket(self, ws) -> None:
+        self.sockets.append(ws.url)
+        sent: list[dict] = []
+        self.sent.append(sent)
+        ws.on("framesent", lambda payload: sent.append(json.loads(payload)))
+        received: list[dict] = []
+        self.received.append(received)
+        ws.on("framereceived", lambda payload: received.append(json.loads(payload)))
+
+    def close(self) -> None:
+        for context in self.contexts:
+            context.close()
+
+
+@pytest.fixture
+def pages(browser):
+    opened = Pages(browser)
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+def start_gateway(tmp_path):
+    """Factory: ``start_gateway(chat_port, http_port=0) -> GatewayProcess``."""
+    started: list[GatewayProcess] = []
+
+    def start(chat_port: int, http_port: int = 0) -> GatewayProcess:
+        gateway = GatewayProcess(tmp_path, chat_port, http_port)
+        started.append(gateway)
+        return gateway
+
+    yield start
+    for gateway in started:
+        gateway.kill()
+
+
+@pytest.fixture
+def gateway(server, start_gateway) -> GatewayProcess:
+    return start_gateway(server.port)
+
+
+@pytest.fixture
+def terminals():
+    started: list[TerminalClient] = []
+
+    def start(name: str, port: int) -> TerminalClient:
+        client = TerminalClient(name, port)
+        started.append(client)
+        return client
+
+    yield start
+    for client in started:
+        client.kill()
+
+
+def expect_():
+    from playwright.sync_api import expect
+
+    return expect
+
+
+def test_two_pages_and_a_terminal_chat_in_one_room(server, gateway, pages, terminals):
+    expect = expect_()
+    alice = pages.open(gateway.url)
+    bob = pages.open(gateway.url)
+    join(alice, "alice")
+    join(bob, "bob")
+    expect(notice_entry(alice, "join", "bob")).to_have_count(1)
+
+    carol = terminals("carol", server.port)
+    carol.wait_line(r"^\* joined as carol@")
+    for page in (alice, bob):
+        expect(notice_entry(page, "join", "carol")).to_have_count(1)
+
+    carol.send_line("hello from the terminal")
+    carol.wait_line(r"carol@\S+: hello from the terminal$")
+    say(alice, "hello from alice")
+    say(bob, "and from bob")
+    for page in (alice, bob):
+        expect(message_entry(page, "carol", "hello from the terminal")).to_have_count(1)
+        expect(message_entry(page, "alice", "hello from alice")).to_have_count(1)
+        expect(message_entry(page, "bob", "and from bob")).to_have_count(1)
+    carol.wait_line(r"\] alice@\S+: hello from alice$")
+    carol.wait_line(r"\] bob@\S+: and from bob$")
+
+    # Own messages are marked, for the eye and for a screen reader.
+    mine = message_entry(alice, "alice", "hello from alice")
+    expect(mine).to_have_class(re.compile(r"\bmine\b"))
+    expect(mine.locator(".visually-hidden")).to_have_text("(your message)")
+    expect(message_entry(alice, "bob", "and from bob")).not_to_have_class(re.compile(r"\bmine\b"))
+
+    # All three see one transcript, in the same order.
+    carol_order = [line.split(": ", 1)[1] for line in carol.lines
+                   if re.search(r"\] \w+@\S+: ", line)]
+    for page in (alice, bob):
+        texts = [e["text"] for e in room_entries(page) if e["kind"] == "message"]
+        assert texts == carol_order == [
+            "hello from the terminal", "hello from alice", "and from bob"]
+
+    # Leaves: a page that leaves, and a terminal whose input ends.
+    bob.click("#leave-button")
+    expect(bob.locator("#status")).to_have_attribute("data-state", "offline")
+    expect(bob.locator("#join-form")).to_be_visible()
+    expect(notice_entry(alice, "leave", "bob")).to_have_text(re.compile(r"bob\s+left$"))
+    carol.wait_line(r"\* bob@\S+ left$")
+    assert carol.close() == 0
+    expect(notice_entry(alice, "leave", "carol")).to_have_count(1)
+    assert pages.problems == []
+
+
+def test_private_messages_by_member_click_and_slash_msg(server, gateway, pages, terminals,
+                                                        connect):
+    expect = expect_()
+    alice = pages.open(gateway.url)
+    bob = pages.open(gateway.url)
+    join(alice, "alice")
+    join(bob, "bob")
+    carol = terminals("carol", server.port)
+    carol.wait_line(r"^\* joined as carol@")
+    expect(alice.locator("#member-list button.member-body")).to_have_count(2)
+
+    # Click a member, type, Enter: only that member gets it.
+    alice.locator("#member-list button.member-body", has_text="carol").click()
+    expect(alice.locator("#compose-text")).to_be_focused()
+    expect(alice.locator("#compose-to option:checked")).to_have_text("carol")
+    say(alice, "psst carol")
+    carol.wait_line(r"\(private\) alice@\S+ -> you: psst carol$")
+    echo = alice.locator("#transcript li.private.mine")
+    expect(echo).to_have_count(1)
+    expect(echo).to_contain_text("to carol")
+    expect(echo.locator(".text")).to_have_text("psst carol")
+
+    # /msg works from the box, and the chosen recipient does not matter.
+    say(alice, "/msg bob just for bob")
+    got = bob.locator("#transcript li.private")
+    expect(got).to_have_count(1)
+    expect(got).to_contain_text("from alice")
+    expect(got.locator(".text")).to_have_text("just for bob")
+    expect(got).not_to_have_class(re.compile(r"\bmine\b"))
+
+    # Unknown recipients come back as an error beside the box.
+    say(alice, "/msg nobody hello?")
+    expect(alice.locator("#compose-error")).to_have_text("No one by that name is here.")
+
+    # Private messages are not room events: nobody else saw them.
+    a_witness = connect("dave")
+    say(bob, "public again")
+    msg, before = a_witness.recv_until(lambda m: m.get("text") == "public again")
+    assert all(m["type"] != "private" for m in before)
+    assert bob.locator("#transcript li.private").count() == 1
+    assert not carol.has_line("just for bob")
+    assert pages.problems == []
+
+
+def test_markup_in_a_message_is_shown_as_text(server, gateway, pages, connect):
+    expect = expect_()
+    payload = "<img src=x onerror=alert(1)>"
+    script = "<script>alert(2)</script><b>bold</b>"
+    alice = pages.open(gateway.url)
+    join(alice, "alice")
+    mallory = connect("mallory")
+    mallory.send({"type": "say", "text": payload})
+    say(alice, script)
+
+    expect(message_entry(alice, "mallory", payload)).to_have_count(1)
+    expect(message_entry(alice, "alice", script)).to_have_count(1)
+    alice.wait_for_timeout(300)  # room for an onerror handler to fire, if one existed
+    assert alice.locator("img").count() == 0
+    assert alice.locator("#transcript script, #transcript b").count() == 0
+    texts = alice.locator("#transcript li.message .text").all_text_contents()
+    assert sorted(texts) == sorted([payload, script])
+    assert pages.dialogs == []
+
+
+def test_member_list_follows_joins_and_leaves(server, gateway, pages, connect):
+    expect = expect_()
+    alice = pages.open(gateway.url)
+    join(alice, "alice")
+    assert member_names(alice) == ["alice"]
+    expect(alice.locator("#member-count")).to_have_text("1")
+
+    bob = connect("bob")
+    expect(alice.locator("#member-list .member-name")).to_have_text(["alice", "bob"])
+    carol = pages.open(gateway.url)
+    join(carol, "carol")
+    # The newcomer's list comes from its welcome, ours from the join event.
+    expect(carol.locator("#member-list .member-name")).to_have_text(["carol", "alice", "bob"])
+    expect(alice.locator("#member-list .member-name")).to_have_text(["alice", "bob", "carol"])
+    expect(alice.locator("#member-count")).to_have_text("3")
+    expect(alice.locator("#compose-to option")).to_have_text(["Everyone", "bob", "carol"])
+
+    bob.send({"type": "quit"})
+    expect(alice.locator("#member-list .member-name")).to_have_text(["alice", "carol"])
+    expect(carol.locator("#member-list .member-name")).to_have_text(["carol", "alice"])
+    carol.click("#leave-button")
+    expect(alice.locator("#member-list .member-name")).to_have_text(["alice"])
+    expect(alice.locator("#member-count")).to_have_text("1")
+    expect(alice.locator("#compose-to option")).to_have_text(["Everyone"])
+    leave = notice_entry(alice, "leave", "carol")
+    expect(leave).to_have_count(1)
+    assert pages.problems == []
+
+
+def test_member_list_is_collected_across_chunked_frames(start_server, start_gateway, pages,
+                                                        open_client):
+    expect = expect_()
+    # 1 KiB frames hold about 11 long labels, so 25 members take 3 frames.
+    server = start_server("--max-per-ip=200", "--max-frame=1024")
+    gateway = start_gateway(server.port)
+    names = [f"member-{n:02d}-" + "x" * 22 for n in range(24)]
+    for name in names:
+        open_client(server.port, name)
+    page = pages.open(gateway.url)
+    join(page, "alice")
+    expected = ["alice"] + sorted(names)
+    expect(page.locator("#member-list .member-name")).to_have_text(expected)
+    say(page, "/who")  # a members reply replaces the list, never adds to it
+    page.wait_for_timeout(300)
+    expect(page.locator("#member-list .member-name")).to_have_text(expected)
+    expect(page.locator("#member-count")).to_have_text("25")
+    assert [m["type"] for m in pages.sent[0]] == ["hello", "who"]
+    chunks = [m for m in pages.received[0] if m["type"] in ("welcome", "members")]
+    assert [m["more"] for m in chunks] == [True, True, False, True, True, False]
+
+
+def test_name_errors_show_beside_the_form_and_a_retry_works(server, gateway, pages, connect):
+    expect = expect_()
+    connect("bob")
+    page = pages.open(gateway.url)
+    expect(page.locator("#join-name")).to_be_focused()
+
+    page.fill("#join-name", "Bob")  # taken, ignoring case
+    page.press("#join-name", "Enter")
+    expect(page.locator("#join-error")).to_have_text(
+        "The name \u201cBob\u201d is taken. Try another.")
+    expect(page.locator("#join-name")).to_have_attribute("aria-invalid", "true")
+    expect(page.locator("#join-form")).to_be_visible()
+
+    page.fill("#join-name", "not a name!")
+    page.press("#join-name", "Enter")
+    expect(page.locator("#join-error")).to_have_text(re.compile("letters, digits"))
+
+    join(page, "robert")
+    expect(page.locator("#join-error")).to_be_hidden()
+    # The refused hello and the accepted one went over the same WebSocket.
+    assert pages.sockets == [gateway.url.replace("http:", "ws:") + "ws"]
+    expect(page.locator("#status-text")).to_have_text("Connected as robert")
+    # Keyboard only: focus is in the message box and Enter sends.
+    expect(page.locator("#compose-text")).to_be_focused()
+    page.keyboard.type("typed, not clicked")
+    page.keyboard.press("Enter")
+    expect(message_entry(page, "robert", "typed, not clicked")).to_have_count(1)
+    assert pages.problems == []
+
+
+def test_page_answers_the_servers_ping(start_server, start_gateway, pages):
+    expect = expect_()
+    # Silent for 1 s draws a ping; silent for 2 s is a disconnect.
+    server = start_server("--idle-timeout=2")
+    gateway = start_gateway(server.port)
+    page = pages.open(gateway.url)
+    join(page, "alice")
+    server.wait_log(r"alice@\S+ joined")
+    page.wait_for_timeout(5000)  # several idle timeouts, every one answered
+    assert "idle_timeout" not in server.log_text()
+    expect(page.locator("#status")).to_have_attribute("data-state", "connected")
+    assert page.locator("#transcript li.leave").count() == 0
+    assert len(pages.sockets) == 1
+    assert pages.problems == []
+
+
+def _room_log(client, until_text: str) -> list[dict]:
+    """Room events a raw client reads up to the message ``until_text``."""
+    msg, before = client.recv_until(lambda m: m.get("text") == until_text, timeout=10)
+    return [m for m in before + [msg] if m["type"] in ("message", "join", "leave")]
+
+
+@pytest.mark.parametrize("stop", ["kill", "terminate"])
+def test_reconnect_after_gateway_restart_has_no_gap_and_no_duplicate(
+        stop, server, start_gateway, pages, connect):
+    expect = expect_()
+    first = start_gateway(server.port)
+    alice = pages.open(first.url)
+    join(alice, "alice")
+    dave = connect("dave")
+    seen = []  # every room event dave receives, in order
+    for text in ("before 1", "before 2"):
+        dave.send({"type": "say", "text": text})
+        seen += _room_log(dave, text)
+    expect(message_entry(alice, "dave", "before 2")).to_have_count(1)
+    last_seen = room_entries(alice)[-1]["seq"]
+
+    if stop == "kill":
+        first.kill()
+    else:
+        assert first.terminate() == 0
+    expect(alice.locator("#status")).to_have_attribute("data-state", "reconnecting")
+    # The room goes on without her.
+    for text in ("while away 1", "while away 2", "while away 3"):
+        dave.send({"type": "say", "text": text})
+        seen += _room_log(dave, text)
+    assert any(m["type"] == "leave" and m["member"].startswith("alice@") for m in seen)
+
+    start_gateway(server.port, http_port=first.port)
+    expect(alice.locator("#status")).to_have_attribute("data-state", "connected", timeout=20_000)
+    dave.send({"type": "say", "text": "after"})
+    seen += _room_log(dave, "after")
+    expect(message_entry(alice, "dave", "after")).to_have_count(1)
+    alice.wait_for_timeout(300)  # anything duplicated would arrive by now
+
+    entries = room_entries(alice)
+    seqs = [e["seq"] for e in entries]
+    assert seqs == list(range(1, seqs[-1] + 1)), "gap or duplicate in the transcript"
+    texts = [e["text"] for e in entries if e["kind"] == "message"]
+    assert texts == ["before 1", "before 2", "while away 1", "while away 2",
+                     "while away 3", "after"]
+    # Every event dave saw since he joined is there, under the same seq.
+    page_by_seq = {e["seq"]: e for e in entries}
+    for event in seen:
+        entry = page_by_seq[event["seq"]]
+        assert entry["kind"] == event["type"]
+        if event["type"] == "message":
+            assert entry["text"] == event["text"]
+    assert seqs[-1] == seen[-1]["seq"]
+    # She left (her link died) and came back as the same name.
+    assert [e["kind"] for e in entries if e["sender"] == "alice"] == ["join", "leave", "join"]
+    expect(alice.locator("#member-list .member-name")).to_have_text(["alice", "dave"])
+    # The second socket said hello again, then asked for what it missed.
+    assert pages.sent[0][0] == {"type": "hello", "name": "alice"}
+    assert pages.sent[-1][:2] == [{"type": "hello", "name": "alice"},
+                                  {"type": "history", "after": last_seen}]
+    unexpected = [p for p in pages.problems if "WebSocket" not in p and "ERR_CONNECTION" not in p]
+    assert unexpected == []
+
+
+def test_reconnect_after_a_gap_longer_than_history_says_what_was_lost(
+        start_server, start_gateway, pages, open_client):
+    expect = expect_()
+    server = start_server("--max-per-ip=200", "--history=3")
+    first = start_gateway(server.port)
+    alice = pages.open(first.url)
+    join(alice, "alice")
+    dave = open_client(server.port, "dave")
+    dave.send({"type": "say", "text": "seen"})
+    expect(message_entry(alice, "dave", "seen")).to_have_count(1)
+    first.kill()
+    expect(alice.locator("#status")).to_have_attribute("data-state", "reconnecting")
+    for n in range(6):
+        dave.send({"type": "say", "text": f"gone {n}"})
+        _room_log(dave, f"gone {n}")
+    start_gateway(server.port, http_port=first.port)
+    expect(alice.locator("#status")).to_have_attribute("data-state", "connected", timeout=20_000)
+    dave.send({"type": "say", "text": "back"})
+    expect(message_entry(alice, "dave", "back")).to_have_count(1)
+    alice.wait_for_timeout(300)
+
+    seqs = [e["seq"] for e in room_entries(alice)]
+    assert seqs == sorted(set(seqs)), "duplicate or out of order"
+    texts = [e["text"] for e in room_entries(alice) if e["kind"] == "message"]
+    # Her welcome replayed the 3 newest events (gone 3-5); the 4 before them
+    # (her own leave, gone 0-2) are lost, and the page says so, in place.
+    assert texts == ["seen", "gone 3", "gone 4", "gone 5", "back"]
+    missed = alice.locator("#transcript li.notice.warning", has_text="missed")
+    expect(missed).to_have_count(1)
+    expect(missed).to_contain_text("4 events were missed while you were away")
+    assert alice.eval_on_selector(
+        "#transcript li.notice.warning:has-text('missed') + li", "e => e.textContent"
+    ).endswith("gone 3")
+
+
+def test_reconnect_waits_while_its_name_is_still_taken(server, start_gateway, pages, connect):
+    expect = expect_()
+    first = start_gateway(server.port)
+    alice = pages.open(first.url)
+    join(alice, "alice")
+    first.kill()
+    expect(alice.locator("#status")).to_have_attribute("data-state", "reconnecting")
+    # Someone holds the name while the page is away (as a stale session would).
+    squatter = connect()
+    deadline = time.monotonic() + 10
+    while True:
+        squatter.send({"type": "hello", "name": "alice"})
+        reply = squatter.recv_until(lambda m: m["type"] in ("welcome", "error"))[0]
+        if reply["type"] == "welcome":
+            break
+        assert time.monotonic() < deadline, "the old session never left"
+        time.sleep(0.1)
+    start_gateway(server.port, http_port=first.port)
+    expect(alice.locator("#status-text")).to_contain_text("waiting for the old session")
+    squatter.send({"type": "say", "text": "squatting"})
+    squatter.send({"type": "quit"})
+    expect(alice.locator("#status")).to_have_attribute("data-state", "connected")
+    expect(message_entry(alice, "alice", "squatting")).to_have_count(1)
+    seqs = [e["seq"] for e in room_entries(alice)]
+    assert seqs == list(range(1, seqs[-1] + 1))
+
+
+def _png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_screenshot_of_a_conversation(server, gateway, pages, connect):
+    expect = expect_()
+    bob = connect("bob")
+    bob.send({"type": "say", "text": "Morning! Is the deploy still on for 10:30?"})
+    bob.recv_until(lambda m: m.get("type") == "message")
+    shots = {}
+    for name, viewport in (("chat.png", DESKTOP), ("chat-375.png", PHONE)):
+        who = "alice" if name == "chat.png" else "ana"
+        page = pages.open(gateway.url, viewport)
+        join(page, who)
+        say(page, "Yes \u2014 I'll post in here when it starts.")
+        bob.send({"type": "say", "text": f"Great, thanks {who}. <b>Tags</b> stay as text."})
+        expect(message_entry(page, "bob", f"Great, thanks {who}. <b>Tags</b> stay as text."))\
+            .to_have_count(1)
+        say(page, f"/msg bob can you review PR 42 first? \u2014{who}")
+        expect(page.locator("#transcript li.private")).to_have_count(1)
+        page.evaluate("document.activeElement.blur()")
+        path = ARTIFACTS / name
+        page.screenshot(path=str(path))
+        shots[name] = _png_size(path)
+        assert path.stat().st_size > 10_000
+    assert shots["chat.png"] == (DESKTOP["width"], DESKTOP["height"])
+    assert shots["chat-375.png"] == (PHONE["width"], PHONE["height"])
+    # Nothing spills sideways at phone width.
+    page = pages.contexts[-1].pages[0]
+    assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+    assert pages.problems == []
