@@ -45,20 +45,14 @@ def browser_frame(text: str, address: str | None, max_frame: int) -> tuple[str, 
     return kind, protocol.encode_frame(message, max_frame)
 
 
-# Error codes after which the server closes the connection (PROTOCOL.md,
-# the error table's "closed" rows).  Others (name_taken, rate_limited...)
-# leave it open, so they would be the wrong close reason.
-CLOSING_ERRORS = frozenset({
-    "bad_frame", "flooding", "hello_timeout", "idle_timeout", "frame_timeout",
-    "slow_reader", "server_full", "too_many_connections", "shutting_down",
-})
 DEFAULT_CLOSE_REASON = "the chat server closed the connection"
 
 
 def farewell(payload: bytes) -> str | None:
     """If ``payload`` announces the server is closing on us, return its text.
 
-    That is a ``shutdown``, or an ``error`` with a code in CLOSING_ERRORS.
+    That is a ``shutdown``, or an ``error`` with a code in
+    ``protocol.CLOSING_ERRORS``; the others leave the connection open.
     Payloads that cannot be one are skipped without parsing.  Never raises.
     """
     if b'"shutdown"' not in payload and b'"error"' not in payload:
@@ -68,6 +62,6 @@ def farewell(payload: bytes) -> str | None:
     except protocol.ProtocolError:
         return None
     if message["type"] == "shutdown" or (
-            message["type"] == "error" and message["code"] in CLOSING_ERRORS):
+            message["type"] == "error" and message["code"] in protocol.CLOSING_ERRORS):
         return message["message"]
     return None

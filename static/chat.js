@@ -83,6 +83,7 @@
     everJoined: false,   // welcomed at least once since the user pressed Join
     joinPending: false,  // Join pressed, no welcome or refusal yet
     lastSeq: 0,          // highest room event seq rendered
+    epoch: null,         // the chat server run that lastSeq belongs to
     memberBase: 0,       // welcome's last_seq: the member list is as of this seq
     members: new Map(),  // label -> true, in arrival order
     memberChunks: null,  // labels being collected while "more" is true
@@ -618,8 +619,10 @@
     setJoinError("");
     setComposeError("");
     showChat(true);
-    if (resuming && msg.last_seq < state.lastSeq) {
-      // Sequence numbers went backwards: a new chat server process.
+    var restarted = state.epoch !== null && msg.epoch !== state.epoch;
+    state.epoch = msg.epoch;
+    if (resuming && restarted) {
+      // A new chat server process: its sequence numbers start again at 1.
       notice("The chat server restarted; a new transcript starts here.", "warning");
       state.lastSeq = 0;
       state.pending.clear();
@@ -712,6 +715,7 @@
 
   function resetRoom() {
     state.lastSeq = 0;
+    state.epoch = null;
     state.memberBase = 0;
     state.pending.clear();
     state.catchup = null;

@@ -61,8 +61,14 @@ ERROR_CODES = (
     "slow_reader",
     "server_full",
     "too_many_connections",
-    "shutting_down",
 )
+
+# After these errors the server closes the connection; after the others the
+# connection stays usable (PROTOCOL.md, the error table).
+CLOSING_ERRORS = frozenset({
+    "bad_frame", "flooding", "hello_timeout", "idle_timeout", "frame_timeout",
+    "slow_reader", "server_full", "too_many_connections",
+})
 
 
 class ProtocolError(Exception):
@@ -195,6 +201,7 @@ SERVER_MESSAGES: dict[str, dict[str, tuple[type, bool]]] = {
     "welcome": {
         "name": _STR,
         "label": _STR,
+        "epoch": _STR,
         "last_seq": _INT,
         "members": _LIST,
         "more": _BOOL,

@@ -22,6 +22,7 @@ import ipaddress
 import logging
 import os
 import resource
+import secrets
 import selectors
 import signal
 import socket
@@ -92,6 +93,7 @@ class ChatServer:
         self.room = RoomStream()
         self.history = History(limits.history)
         self.seq = 0
+        self.epoch = secrets.token_hex(8)
         self._flushed_end = 0
         self.now = time.monotonic()
         self._next_tick = self.now
@@ -113,8 +115,10 @@ class ChatServer:
         wake_w.setblocking(False)
         self.selector.register(wake_r, selectors.EVENT_READ, _WAKEUP)
         old_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
-        old_handlers = {sig: signal.signal(sig, self._on_signal)
-                        for sig in (signal.SIGINT, signal.SIGTERM)}
+        # The handlers stay installed after the loop: restoring the defaults
+        # would let a late second signal kill a server that is exiting 0.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
         if watch_stdin:
             self.selector.register(sys.stdin.fileno(), selectors.EVENT_READ, _STDIN)
         log.info("listening on %s:%d", *self.server_address)
@@ -127,8 +131,6 @@ class ChatServer:
                     break
         finally:
             signal.set_wakeup_fd(old_wakeup)
-            for sig, handler in old_handlers.items():
-                signal.signal(sig, handler)
             for client in list(self.clients.values()):
                 self._close_now(client)
             self.selector.close()
@@ -140,7 +142,10 @@ class ChatServer:
         return 0
 
     def _on_signal(self, signum, frame) -> None:
-        # Only set a flag: the wakeup fd makes select() return at once.
+        # Only set flags: the wakeup fd makes select() return at once.
+        if self.stopping:
+            # A second Ctrl-C: the operator does not want to wait.
+            self._shutdown_deadline = 0.0
         self._stop_requested = True
 
     def _step(self) -> None:
@@ -335,7 +340,8 @@ class ChatServer:
         history = list(self.history.after(0)[0])
         chunks = self._member_chunks()
         self._queue(client, protocol.encode_frame(
-            {"type": "welcome", "name": name, "label": client.label, "last_seq": self.seq,
+            {"type": "welcome", "name": name, "label": client.label, "epoch": self.epoch,
+             "last_seq": self.seq,
              "members": chunks[0], "more": len(chunks) > 1, "history": len(history)},
             self.limits.max_frame))
         self._queue_member_chunks(client, chunks[1:])

@@ -444,6 +444,34 @@ def test_reconnect_after_a_gap_longer_than_history_says_what_was_lost(
     ).endswith("gone 3")
 
 
+def test_reconnect_to_a_restarted_chat_server_starts_a_new_transcript(
+        start_server, start_gateway, pages, open_client):
+    expect = expect_()
+    old_server = start_server("--max-per-ip=200")
+    first = start_gateway(old_server.port)
+    alice = pages.open(first.url)
+    join(alice, "alice")
+    dave = open_client(old_server.port, "dave")
+    dave.send({"type": "say", "text": "old run"})
+    expect(message_entry(alice, "dave", "old run")).to_have_count(1)
+    first.kill()
+    old_server.kill()
+    expect(alice.locator("#status")).to_have_attribute("data-state", "reconnecting")
+    # The new run's sequence numbers pass the page's last seq before it is
+    # back, so only the welcome's epoch tells the page they are new events.
+    new_server = start_server("--max-per-ip=200", f"--port={old_server.port}")
+    erin = open_client(new_server.port, "erin")
+    for n in range(8):
+        erin.send({"type": "say", "text": f"new run {n}"})
+    _room_log(erin, "new run 7")
+    start_gateway(new_server.port, http_port=first.port)
+    expect(alice.locator("#status")).to_have_attribute("data-state", "connected", timeout=20_000)
+    expect(alice.locator("#transcript li.notice", has_text="restarted")).to_have_count(1)
+    expect(message_entry(alice, "erin", "new run 0")).to_have_count(1)
+    erin.send({"type": "say", "text": "after"})
+    expect(message_entry(alice, "erin", "after")).to_have_count(1)
+
+
 def test_reconnect_waits_while_its_name_is_still_taken(server, start_gateway, pages, connect):
     expect = expect_()
     first = start_gateway(server.port)
