@@ -332,3 +332,15 @@ def test_per_ip_limit_refuses_with_an_error(start_server, open_client):
     assert extra.recv()["code"] == "too_many_connections"
     keep[0].send({"type": "ping"})
     assert keep[0].recv()["type"] == "pong"
+
+
+def test_second_signal_skips_the_shutdown_grace(start_server, open_client):
+    server = start_server("--shutdown-grace=60")
+    client = open_client(server.port, "lingerer")  # reads, but never hangs up
+    server.proc.send_signal(signal.SIGTERM)
+    assert client.recv_type("shutdown")
+    server.wait_log("shutting down")
+    with pytest.raises(subprocess.TimeoutExpired):
+        server.proc.wait(1)  # waiting for the lingerer, as it should
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(10) == 0
