@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind, or server to connect to (default 127.0.0.1)")
     parser.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT,
-                        help=f"web gateway port when run without --name (default {DEFAULT_HTTP_PORT})")
+                        help="web gateway port when run without --name "
+                        f"(default {DEFAULT_HTTP_PORT})")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
     settings.add_arguments(parser.add_argument_group("server limits"))

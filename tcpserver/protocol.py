@@ -178,15 +178,15 @@ def encode_frame(message: dict[str, Any], max_frame_size: int = MAX_FRAME_SIZE) 
 # Each message type maps to {field: (type, required)}.  Unknown fields are
 # ignored so that newer peers can add fields without breaking older ones.
 
+Schema = dict[str, dict[str, tuple[type, bool]]]
+
 _OPT_STR = (str, False)
 _STR = (str, True)
 _INT = (int, True)
-_OPT_INT = (int, False)
 _LIST = (list, True)
 _BOOL = (bool, True)
-_OPT_BOOL = (bool, False)
 
-CLIENT_MESSAGES: dict[str, dict[str, tuple[type, bool]]] = {
+CLIENT_MESSAGES: Schema = {
     "hello": {"name": _STR, "forwarded_for": _OPT_STR},
     "say": {"text": _STR},
     "private": {"to": _STR, "text": _STR},
@@ -197,7 +197,7 @@ CLIENT_MESSAGES: dict[str, dict[str, tuple[type, bool]]] = {
     "quit": {},
 }
 
-SERVER_MESSAGES: dict[str, dict[str, tuple[type, bool]]] = {
+SERVER_MESSAGES: Schema = {
     "welcome": {
         "name": _STR,
         "label": _STR,
@@ -240,7 +240,7 @@ def _decode_object(payload: bytes) -> dict[str, Any]:
     return obj
 
 
-def _validate(obj: dict[str, Any], schema: dict[str, dict[str, tuple[type, bool]]]) -> dict[str, Any]:
+def _validate(obj: dict[str, Any], schema: Schema) -> dict[str, Any]:
     kind = obj.get("type")
     if not isinstance(kind, str):
         raise MessageError("bad_message", "message has no string 'type' field")

@@ -28,10 +28,10 @@ import signal
 import socket
 import sys
 import time
-from collections import deque
 
 from tcpserver import protocol, settings
 from tcpserver.client_state import Client
+from tcpserver.commands import RoomCommands, now_ms
 from tcpserver.room import History, RoomStream
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,6 @@ FD_SETSIZE = 1024
 TICK = 0.25
 # How long a client we are closing gets to read its last frame and hang up.
 CLOSE_GRACE = 2.0
-# Room for the fields around a member list when packing it into frames.
-_MEMBERS_FRAME_SLACK = 512
 
 _BACKENDS = {
     "auto": selectors.DefaultSelector,
@@ -61,11 +59,7 @@ _WAKEUP = "wakeup"
 _STDIN = "stdin"
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-class ChatServer:
+class ChatServer(RoomCommands):
     """The room.  ``serve_forever()`` runs until SIGINT/SIGTERM or ``quit``."""
 
     def __init__(self, host: str, port: int, limits: settings.Limits,
@@ -103,7 +97,7 @@ class ChatServer:
         self._handlers = {
             "hello": self._on_hello, "say": self._on_say, "private": self._on_private,
             "who": self._on_who, "history": self._on_history, "ping": self._on_ping,
-            "pong": _ignore, "quit": self._on_quit,
+            "pong": self._on_pong, "quit": self._on_quit,
         }
 
     # --- running -------------------------------------------------------
@@ -313,123 +307,6 @@ class ChatServer:
             log.info("quit typed on the console")
             self._stop_requested = True
 
-    # --- handlers ------------------------------------------------------
-
-    def _on_hello(self, client: Client, message: dict) -> None:
-        if client.name is not None:
-            raise protocol.MessageError("already_joined", "you are already in the room")
-        name = message["name"]
-        protocol.check_name(name)
-        address = self._client_address(client, message.get("forwarded_for"))
-        if address != client.ip:
-            self._count_ip(client.ip, -1)
-            client.ip = address
-            self._count_ip(address, +1)
-            if self.per_ip[address] > self.limits.max_per_ip:
-                return self._fail(client, "too_many_connections",
-                                  f"too many connections from {address}", "hung_up")
-        key = name.casefold()
-        if key in self.members:
-            raise protocol.MessageError("name_taken", f"the name {name!r} is taken")
-        client.name = name
-        client.label = f"{name}@{address}"
-        self.members[key] = client
-        # The welcome and replayed history are queued at the current end of
-        # the stream, and the member reads the stream from here: so its own
-        # join follows them, and nothing is missed or seen twice.
-        history = list(self.history.after(0)[0])
-        chunks = self._member_chunks()
-        self._queue(client, protocol.encode_frame(
-            {"type": "welcome", "name": name, "label": client.label, "epoch": self.epoch,
-             "last_seq": self.seq,
-             "members": chunks[0], "more": len(chunks) > 1, "history": len(history)},
-            self.limits.max_frame))
-        self._queue_member_chunks(client, chunks[1:])
-        for frame in history:
-            self._queue(client, frame)
-        client.pos = self.room.end
-        self.streaming.add(client)
-        log.info("%s joined", client.label)
-        self._publish({"type": "join", "seq": 0, "member": client.label, "ts": _now_ms()})
-
-    def _client_address(self, client: Client, forwarded: str | None) -> str:
-        if forwarded is None:
-            return client.ip
-        peer = ipaddress.ip_address(client.ip)
-        if not any(peer in net for net in self.trusted):
-            log.info("%s: ignored forwarded_for from an untrusted peer", client.ip)
-            return client.ip
-        try:
-            return str(ipaddress.ip_address(forwarded))
-        except ValueError:
-            raise protocol.MessageError("bad_message", "forwarded_for is not an IP address")
-
-    def _on_say(self, client: Client, message: dict) -> None:
-        self._require_member(client)
-        protocol.check_text(message["text"])
-        self._publish({"type": "message", "seq": 0, "from": client.label,
-                       "text": message["text"], "ts": _now_ms()})
-
-    def _on_private(self, client: Client, message: dict) -> None:
-        self._require_member(client)
-        protocol.check_text(message["text"])
-        name = message["to"].split("@", 1)[0]
-        target = self.members.get(name.casefold())
-        if target is None or (message["to"] != name and message["to"] != target.label):
-            raise protocol.MessageError("no_such_member", f"no one called {message['to']!r}")
-        frame = protocol.encode_frame(
-            {"type": "private", "from": client.label, "to": target.label,
-             "text": message["text"], "ts": _now_ms()}, self.limits.max_frame)
-        self._queue(target, frame)
-        if target is not client:
-            self._queue(client, frame)
-
-    def _on_who(self, client: Client, message: dict) -> None:
-        self._require_member(client)
-        chunks = self._member_chunks()
-        self._queue_member_chunks(client, chunks)
-
-    def _on_history(self, client: Client, message: dict) -> None:
-        self._require_member(client)
-        frames, missed = self.history.after(message["after"])
-        self._queue(client, protocol.encode_frame(
-            {"type": "history", "after": message["after"], "count": len(frames),
-             "missed": missed}))
-        for frame in frames:
-            self._queue(client, frame)
-
-    def _on_ping(self, client: Client, message: dict) -> None:
-        reply = {"type": "pong"}
-        if message.get("token") is not None:
-            reply["token"] = message["token"]
-        self._queue(client, protocol.encode_frame(reply, self.limits.max_frame))
-
-    def _on_quit(self, client: Client, message: dict) -> None:
-        self._leave(client, "quit")
-        self._start_closing(client)
-
-    def _require_member(self, client: Client) -> None:
-        if client.name is None:
-            raise protocol.MessageError("not_joined", "say hello first")
-
-    def _member_chunks(self) -> list[list[str]]:
-        """Member labels split so that each list fits in one frame."""
-        budget = self.limits.max_frame - _MEMBERS_FRAME_SLACK
-        chunks: list[list[str]] = [[]]
-        size = 0
-        for member in self.members.values():
-            cost = len(member.label.encode()) + 3  # quotes and comma
-            if size + cost > budget and chunks[-1]:
-                chunks.append([])
-                size = 0
-            chunks[-1].append(member.label)
-            size += cost
-        return chunks
-
-    def _queue_member_chunks(self, client: Client, chunks: list[list[str]]) -> None:
-        for i, chunk in enumerate(chunks):
-            self._queue(client, protocol.encode_frame(
-                {"type": "members", "members": chunk, "more": i < len(chunks) - 1}))
 
     # --- output --------------------------------------------------------
 
@@ -553,7 +430,7 @@ class ChatServer:
         del self.members[client.name.casefold()]
         log.info("%s left (%s)", client.label, reason)
         self._publish({"type": "leave", "seq": 0, "member": client.label,
-                       "reason": reason, "ts": _now_ms()})
+                       "reason": reason, "ts": now_ms()})
         # A leaving member still gets the stream up to its own leave.
         client.stop_at = self.room.end
 
@@ -656,10 +533,6 @@ class ChatServer:
 
 # sendmsg() takes at most IOV_MAX buffers; the rest go in the next call.
 _IOV_MAX = 1024
-
-
-def _ignore(client: Client, message: dict) -> None:
-    """A pong needs no answer; receiving it already reset the idle timer."""
 
 
 def _drain(sock: socket.socket) -> None:

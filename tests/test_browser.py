@@ -9,7 +9,6 @@ import struct
 import time
 
 import pytest
-
 from browser_helpers import (
     CHROMIUM,
     CHROMIUM_ARGS,

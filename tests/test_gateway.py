@@ -13,9 +13,9 @@ import socket
 import aiohttp
 import pytest
 from aiohttp import WSMsgType
+from conftest import RawClient
 
 import gateway
-from conftest import RawClient
 from gateway.app import BRIDGE, METRICS, PROBE, SECURITY_HEADERS, create_app
 from gateway.config import GatewayConfig
 from tcpserver import protocol

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-
 from conftest import ROOT, RawClient
 
 SERVING = re.compile(r"serving on http://(\S+?):(\d+)/")
