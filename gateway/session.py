@@ -32,6 +32,8 @@ RECV_SIZE = 64 * 1024
 # A close handshake with a browser that stopped reading cannot finish;
 # after this long the transport is dropped instead.
 CLOSE_TIMEOUT = 5.0
+
+
 class _Reply(str):
     """A message of the gateway's own (an error reply), not a relayed frame."""
 
