@@ -4,27 +4,12 @@ In a terminal (stdin and stdout both TTYs) a prompt_toolkit prompt
 ``[bob@127.0.0.1]> `` stays on the last line while the room scrolls above it,
 so an incoming message never garbles what is being typed.  Otherwise every
 line read from stdin is sent (commands work too; empty lines are skipped),
-each one only after the server has echoed the one before; at end of input
-the client quits and exits once the server has closed the connection.
+each one only after the server has echoed the one before, resending it if
+it was rate-limited; at end of input the client quits and exits once the
+server has closed the connection, so nothing piped in is lost.
 
-Output is one line per event, on stdout::
-
-    * joined as bob@127.0.0.1
-    * in the room (2): alice@127.0.0.1, bob@127.0.0.1       on joining, and /who
-    [12:02:50] (history) alice@127.0.0.1: earlier            replayed on joining
-    [12:03:05] alice@127.0.0.1: hello                        a room message
-    [12:03:06] * carol@10.0.0.5 joined
-    [12:03:09] * carol@10.0.0.5 hung up                      leave, reason in words
-    [12:03:11] (private) alice@127.0.0.1 -> you: psst
-    [12:03:12] (private) you -> alice@127.0.0.1: hi
-
-Times are the server's timestamps in local time.  Line breaks inside a
-message show as ``↵`` and control characters as U+FFFD, so an event is
-always exactly one line.  Diagnostics start with ``!`` and go to stderr::
-
-    ! rate_limited: slow down: at most 10 messages a second
-    ! shutdown: the server is shutting down
-    ! the server closed the connection
+What is shown, one line per event, is described in ``tcpserver/display.py``:
+room lines on stdout, diagnostics (``! ...``) on stderr.
 
 Commands: ``/who``, ``/msg NAME TEXT``, ``/quit``, ``/help``; ``//text``
 sends ``/text``.  Exit status: 0 after ``/quit``, end of input or a server
@@ -51,7 +36,7 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 5.0
 # The server's own default hello timeout: no welcome by then means none.
 WELCOME_TIMEOUT = 10.0
-# After quit, how long to wait for the server to send our leave and close.
+# After quit, how long to wait for our leave, and then for the close.
 QUIT_WAIT = 2.0
 # How long a piped line waits for its echo before we give up on it.
 ECHO_TIMEOUT = 10.0
@@ -63,32 +48,18 @@ MAX_ATTEMPTS = 30
 EXIT_OK, EXIT_LOST, EXIT_REFUSED = 0, 1, 2
 _NAME_ERRORS = ("name_taken", "name_invalid", "bad_message")
 
-HELP = """\
-commands:
-  /who             list the members of the room
-  /msg NAME TEXT   send TEXT to NAME only
-  /quit            leave the room (Ctrl-D does too)
-  /help            show this help
-  //text           send a message that starts with '/'"""
-
-Show = Callable[..., None]  # show(line, err=False, dim=False)
 Reply = Callable[[dict], bool]
 
 
-class JoinRefused(Exception):
+class JoinRefused(protocol.RemoteProtocolError):
     """The server answered hello with an error (``code``, ``message``)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 class Session:
     """One joined connection: reads and shows server messages, sends ours."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 show: Show) -> None:
+                 show: display.Show) -> None:
         self.reader, self.writer, self.show = reader, writer, show
         self.decoder = protocol.FrameDecoder()
         self.label = ""
@@ -207,36 +178,31 @@ class Session:
         except OSError as exc:
             log.debug("pong not sent: %s", exc)
 
-    async def request(self, message: dict, is_reply: Reply) -> str:
-        """Send ``message`` and wait for the frame ``is_reply`` accepts.
+    async def deliver(self, message: dict, is_reply: Reply,
+                      timeout: float = ECHO_TIMEOUT) -> bool:
+        """Send ``message`` until the frame ``is_reply`` accepts arrives.
 
-        Returns "ok", the code of an error that came first, "closed" or
-        "timeout".  One request at a time.
-        """
-        if self.closed.is_set():
-            return "closed"
-        future = asyncio.get_running_loop().create_future()
-        self._waiter = (future, is_reply)
-        try:
-            await self.send(message)
-            return await asyncio.wait_for(future, ECHO_TIMEOUT)
-        except asyncio.TimeoutError:
-            return "timeout"
-        except OSError:
-            return "closed"
-        finally:
-            self._waiter = None
-
-    async def deliver(self, message: dict, is_reply: Reply) -> bool:
-        """Send ``message`` until the server confirms it; return True if it did.
-
-        A rate-limited frame is resent after a pause.  While a rate-limit
-        streak lasts the server drops frames without another error, so a
-        resent frame with no reply is resent again rather than given up.
+        Returns True if it did; False after another error (shown), a lost
+        connection or no reply within ``timeout``.  A rate-limited frame is
+        resent after a pause; while a rate-limit streak lasts the server
+        drops frames without another error, so a resent frame with no reply
+        is resent again.
         """
         resent = False
         for _ in range(MAX_ATTEMPTS):
-            result = await self.request(message, is_reply)
+            if self.closed.is_set():
+                return False
+            future = asyncio.get_running_loop().create_future()
+            self._waiter = (future, is_reply)
+            try:
+                await self.send(message)
+                result = await asyncio.wait_for(future, timeout)
+            except asyncio.TimeoutError:
+                result = "timeout"
+            except OSError:
+                return False  # the receiver notices the loss
+            finally:
+                self._waiter = None
             if result == "ok":
                 return True
             if result == "rate_limited" or (result == "timeout" and resent):
@@ -244,22 +210,26 @@ class Session:
                 await asyncio.sleep(RATE_LIMIT_PAUSE)
                 continue
             if result == "timeout":
-                self.show(f"! no reply from the server within {ECHO_TIMEOUT:g} s", err=True)
+                self.show(f"! no reply from the server within {timeout:g} s", err=True)
             return False
         return False
 
     async def quit(self) -> None:
-        """Send quit and wait (at most QUIT_WAIT) for the server to close."""
+        """Send quit until our leave comes back, then wait for the close.
+
+        Waits at most QUIT_WAIT for each; a quit that was rate-limited like
+        any other frame is resent, else the room would see us hang up.
+        """
         self.quitting = True
-        if self.closed.is_set():
-            return
-        try:
-            await self.send({"type": "quit"})
-            # The server sends our leave, then closes: waiting for the close
-            # means everything before it has been shown.
-            await asyncio.wait_for(self.closed.wait(), QUIT_WAIT)
-        except (OSError, asyncio.TimeoutError) as exc:
-            log.debug("no clean close after quit: %r", exc)
+        self.quiet.add("rate_limited")
+        if await self.deliver({"type": "quit"}, lambda m: m["type"] == "leave"
+                              and m["member"] == self.label, timeout=QUIT_WAIT):
+            # The server closes once our leave is sent: when it has, nothing
+            # before it is left unshown.
+            try:
+                await asyncio.wait_for(self.closed.wait(), QUIT_WAIT)
+            except asyncio.TimeoutError:
+                log.debug("the server did not close within %g s of our leave", QUIT_WAIT)
 
 
 async def act(session: Session, line: str, confirm: bool) -> bool:
@@ -273,10 +243,11 @@ async def act(session: Session, line: str, confirm: bool) -> bool:
         return True
     if line.startswith("/") and not line.startswith("//"):
         command, _, rest = line[1:].partition(" ")
+        command = command.lower()
         if command == "quit":
             return False
         if command == "help":
-            session.show(HELP)
+            session.show(display.HELP)
         elif command == "who":
             await _submit(session, {"type": "who"},
                           lambda m: m["type"] == "members" and not m["more"], confirm)
@@ -318,33 +289,43 @@ async def _submit(session: Session, message: dict, is_reply: Reply, confirm: boo
         log.debug("not sent: %s", exc)  # the receiver notices the loss
 
 
+async def _converse(session: Session, next_line, confirm: bool) -> None:
+    """Carry out lines from ``await next_line()`` (None: no more input)
+    until one quits, input ends or the server closes; then quit."""
+    closed = asyncio.ensure_future(session.closed.wait())
+    try:
+        while True:
+            ask = asyncio.ensure_future(next_line())
+            done, _ = await asyncio.wait({ask, closed}, return_when=asyncio.FIRST_COMPLETED)
+            if closed in done:
+                ask.cancel()
+                await asyncio.gather(ask, return_exceptions=True)
+                return
+            line = ask.result()
+            if line is None or not await act(session, line, confirm):
+                break
+        await session.quit()
+    finally:
+        closed.cancel()
+
+
 async def _interactive(session: Session) -> None:
     """Prompt for lines in a terminal until /quit, Ctrl-D or the server closes."""
     from prompt_toolkit import PromptSession
     from prompt_toolkit.patch_stdout import patch_stdout
 
     prompt: PromptSession = PromptSession(f"[{display.clean(session.label)}]> ")
+
+    async def next_line() -> str | None:
+        try:
+            return await prompt.prompt_async()
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D, Ctrl-C
+            return None
+
     session.show("* /help lists the commands")
     # raw=True lets our own (sanitized) dim escape through to the terminal.
     with patch_stdout(raw=True):
-        closed = asyncio.ensure_future(session.closed.wait())
-        try:
-            while True:
-                ask = asyncio.ensure_future(prompt.prompt_async())
-                done, _ = await asyncio.wait({ask, closed}, return_when=asyncio.FIRST_COMPLETED)
-                if closed in done:
-                    ask.cancel()
-                    await asyncio.gather(ask, return_exceptions=True)
-                    return
-                try:
-                    line = ask.result()
-                except (EOFError, KeyboardInterrupt):
-                    line = "/quit"
-                if not await act(session, line, confirm=False):
-                    break
-            await session.quit()
-        finally:
-            closed.cancel()
+        await _converse(session, next_line, confirm=False)
 
 
 async def _piped(session: Session) -> None:
@@ -352,27 +333,16 @@ async def _piped(session: Session) -> None:
     session.quiet.add("rate_limited")  # deliver() resends instead
     lines: asyncio.Queue[str | None] = asyncio.Queue()
     _read_stdin_lines(asyncio.get_running_loop(), lines)
-    closed = asyncio.ensure_future(session.closed.wait())
-    try:
-        while True:
-            get = asyncio.ensure_future(lines.get())
-            done, _ = await asyncio.wait({get, closed}, return_when=asyncio.FIRST_COMPLETED)
-            if closed in done:
-                get.cancel()
-                return
-            line = get.result()
-            if line is None or not await act(session, line.rstrip("\r\n"), confirm=True):
-                break
-        await session.quit()
-    finally:
-        closed.cancel()
+    await _converse(session, lines.get, confirm=True)
 
 
 def _read_stdin_lines(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
     """Feed stdin's lines, then None, into ``queue`` from a daemon thread.
 
     A thread works for pipes, files and terminals alike, and a daemon
-    thread blocked in read() does not keep the process alive at exit.
+    thread blocked in read() does not keep the process alive at exit.  It
+    uses os.read, not sys.stdin: a daemon thread inside the buffered reader
+    holds its lock, and the interpreter aborts when it finds it held at exit.
     """
     def put(item: str | None) -> None:
         try:
@@ -381,34 +351,20 @@ def _read_stdin_lines(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> 
             pass  # the loop is closed: the client is exiting
 
     def pump() -> None:
+        pending = b""
         try:
-            for raw in sys.stdin.buffer:
-                put(raw.decode("utf-8", "replace"))
+            while data := os.read(sys.stdin.fileno(), 65536):
+                *lines, pending = (pending + data).split(b"\n")
+                for line in lines:
+                    put(line.rstrip(b"\r").decode("utf-8", "replace"))
         except (OSError, ValueError) as exc:
             log.warning("cannot read stdin: %s", exc)
         finally:
+            if pending:
+                put(pending.decode("utf-8", "replace"))
             put(None)
 
     threading.Thread(target=pump, name="stdin", daemon=True).start()
-
-
-def _make_show(terminal: bool) -> Show:
-    def show(line: str, err: bool = False, dim: bool = False) -> None:
-        if terminal and dim:
-            line = f"\x1b[2m{line}\x1b[0m"
-        try:
-            print(line, file=sys.stderr if err else sys.stdout, flush=True)
-        except BrokenPipeError:
-            # The reader went away (e.g. `| head`): keep going quietly.
-            sys.stdout = open(os.devnull, "w")
-    return show
-
-
-def _is_tty(stream) -> bool:
-    try:
-        return stream is not None and stream.isatty()
-    except (OSError, ValueError):
-        return False
 
 
 def _why(exc: BaseException) -> str:
@@ -431,8 +387,8 @@ async def _main(name: str, host: str, port: int) -> int:
         print(f"chatroom: cannot reach the chat server at {where} ({_why(exc)})",
               file=sys.stderr)
         return EXIT_LOST
-    terminal = _is_tty(sys.stdin) and _is_tty(sys.stdout)
-    session = Session(reader, writer, _make_show(terminal))
+    terminal = os.isatty(0) and os.isatty(1)
+    session = Session(reader, writer, display.printer(terminal))
     receiver = None
     try:
         try:

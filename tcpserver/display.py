@@ -1,15 +1,47 @@
-"""How the terminal client shows what the server sends: one line per event.
+r"""What the terminal client shows: one line per event.
 
-Every function here returns a ``str`` (no I/O), so the format is easy to test
-and the same in a terminal and in a pipe.  The line shapes are documented in
-``tcpserver/client.py``.
+Room lines go to stdout::
+
+    * joined as bob@127.0.0.1
+    * in the room (2): alice@127.0.0.1, bob@127.0.0.1      on joining, and /who
+    [12:02:50] (history) alice@127.0.0.1: earlier           replayed on joining
+    [12:03:05] alice@127.0.0.1: hello                       a room message
+    [12:03:06] * carol@10.0.0.5 joined
+    [12:03:09] * carol@10.0.0.5 hung up                     leave, reason in words
+    [12:03:11] (private) alice@127.0.0.1 -> you: psst
+    [12:03:12] (private) you -> alice@127.0.0.1: hi
+
+so a script can take ``^\[..:..:..\] (\S+): (.*)$`` as a live room message.
+Times are the server's timestamps in local time.  Line breaks inside a
+message show as ``↵`` and control characters as U+FFFD, so an event is
+always exactly one line.  Diagnostics start with ``!`` and go to stderr::
+
+    ! rate_limited: slow down: at most 10 messages a second
+    ! shutdown: the server is shutting down
+    ! the server closed the connection
+
+The functions here build lines and do no I/O; ``printer`` makes the one
+function that prints them.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 import time
 import unicodedata
+from typing import Callable
+
+HELP = """\
+commands:
+  /who             list the members of the room
+  /msg NAME TEXT   send TEXT to NAME only
+  /quit            leave the room (Ctrl-D does too)
+  /help            show this help
+  //text           send a message that starts with '/'"""
+
+Show = Callable[..., None]  # show(line, err=False, dim=False)
 
 # A human phrase for each leave reason in PROTOCOL.md.
 LEAVE_PHRASES = {
@@ -92,3 +124,19 @@ def members(labels: list[str]) -> str:
 def error(code: str, message: str) -> str:
     """Return the ``! code: message`` line for a server error."""
     return f"! {clean(code)}: {clean(message)}"
+
+
+def printer(terminal: bool) -> Show:
+    """Return ``show(line, err=False, dim=False)``, which prints one line.
+
+    ``err`` sends it to stderr; ``dim`` (history) dims it on a terminal.
+    """
+    def show(line: str, err: bool = False, dim: bool = False) -> None:
+        if terminal and dim:
+            line = f"\x1b[2m{line}\x1b[0m"
+        try:
+            print(line, file=sys.stderr if err else sys.stdout, flush=True)
+        except BrokenPipeError:
+            # The reader went away (e.g. `| head`): go on without output.
+            sys.stdout = open(os.devnull, "w")
+    return show

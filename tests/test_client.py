@@ -1,0 +1,520 @@
+"""The terminal client as a real subprocess against the real server.
+
+Pipe mode is driven through stdin/stdout; terminal mode through a
+pseudo-terminal whose output is rendered by pyte, a terminal emulator, so
+the tests check the screen a person would see rather than escape codes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pexpect
+import pyte
+import pytest
+
+from tcpserver import display, protocol
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIME = r"\[\d\d:\d\d:\d\d\]"
+RUN_TIMEOUT = 20
+
+
+def client_argv(port: int, name: str) -> list[str]:
+    return [sys.executable, "-m", "tcpserver", f"--name={name}", f"--port={port}"]
+
+
+def run_piped(port: int, name: str, stdin: str, timeout: float = RUN_TIMEOUT):
+    """Run a client to completion with ``stdin`` piped in."""
+    return subprocess.run(client_argv(port, name), input=stdin, capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
+
+
+class PipedClient:
+    """A client subprocess with stdin kept open; its output lines collected."""
+
+    def __init__(self, port: int, name: str) -> None:
+        self.proc = subprocess.Popen(client_argv(port, name), stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, cwd=ROOT)
+        self.lines = {"out": [], "err": []}
+        self._lock = threading.Lock()
+        self._readers = [threading.Thread(target=self._collect, args=(key, stream), daemon=True)
+                         for key, stream in (("out", self.proc.stdout),
+                                             ("err", self.proc.stderr))]
+        for reader in self._readers:
+            reader.start()
+
+    def _collect(self, key: str, stream) -> None:
+        for line in stream:
+            with self._lock:
+                self.lines[key].append(line.rstrip("\n"))
+
+    def text(self, key: str = "out") -> str:
+        with self._lock:
+            return "\n".join(self.lines[key])
+
+    def expect(self, pattern: str, key: str = "out", timeout: float = 5.0) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = re.search(pattern, self.text(key), re.MULTILINE)
+            if match:
+                return match
+            time.sleep(0.02)
+        raise AssertionError(f"{pattern!r} not in client std{key}:\n{self.text(key)}\n"
+                             f"stderr:\n{self.text('err')}")
+
+    def type(self, line: str) -> None:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def wait(self, timeout: float = 10.0) -> int:
+        """Wait for the exit and for all its output; return the exit code."""
+        code = self.proc.wait(timeout)
+        for reader in self._readers:
+            reader.join(timeout)
+        return code
+
+    def finish(self, timeout: float = 10.0) -> int:
+        """Close stdin (end of input) and return the exit code."""
+        if not self.proc.stdin.closed:
+            self.proc.stdin.close()
+        return self.wait(timeout)
+
+    def close(self) -> None:
+        """Kill if still running; close the pipes once their readers are done."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(5)
+        for reader in self._readers:
+            reader.join(5)
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            stream.close()
+
+
+@pytest.fixture
+def piped():
+    """Factory ``piped(port, name) -> PipedClient``; all killed at teardown."""
+    started: list[PipedClient] = []
+
+    def start(port: int, name: str) -> PipedClient:
+        client = PipedClient(port, name)
+        started.append(client)
+        return client
+
+    yield start
+    for client in started:
+        client.close()
+
+
+def messages_from(raw, label: str, count: int, timeout: float = 10.0) -> list[str]:
+    """Texts of the next ``count`` room messages from ``label`` seen by ``raw``."""
+    texts: list[str] = []
+    deadline = time.monotonic() + timeout
+    while len(texts) < count:
+        msg = raw.recv(max(0.01, deadline - time.monotonic()))
+        if msg["type"] == "message" and msg["from"] == label:
+            texts.append(msg["text"])
+    return texts
+
+
+def assert_one_clean_line(result) -> str:
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert result.stdout == ""
+    return lines[0]
+
+
+# --- pipe mode -------------------------------------------------------------
+
+
+def test_piped_lines_reach_the_room_and_eof_quits(server, connect):
+    alice = connect("alice")
+    result = run_piped(server.port, "bob", "hello room\n\n   \nsecond line\n")
+    assert result.returncode == 0, result.stderr
+    assert messages_from(alice, "bob@127.0.0.1", 2) == ["hello room", "second line"]
+    leave = alice.recv_type("leave")
+    assert (leave["member"], leave["reason"]) == ("bob@127.0.0.1", "quit")
+    # Empty lines were skipped: nothing else came from bob.
+    assert re.search(rf"^{TIME} bob@127.0.0.1: hello room$", result.stdout, re.M)
+    assert re.search(rf"^{TIME} bob@127.0.0.1: second line$", result.stdout, re.M)
+    assert len(re.findall(r"bob@127.0.0.1: ", result.stdout)) == 2
+    assert re.search(rf"^{TIME} \* bob@127.0.0.1 left$", result.stdout, re.M)
+
+
+def test_two_piped_clients_see_each_other(server, piped):
+    alice = piped(server.port, "alice")
+    alice.expect(rf"^{TIME} \* alice@127.0.0.1 joined$")
+    result = run_piped(server.port, "bob", "hi alice\n")
+    assert result.returncode == 0, result.stderr
+    alice.expect(rf"^{TIME} \* bob@127.0.0.1 joined$")
+    alice.expect(rf"^{TIME} bob@127.0.0.1: hi alice$")
+    alice.expect(rf"^{TIME} \* bob@127.0.0.1 left$")
+    alice.type("bye bob")
+    alice.expect(rf"^{TIME} alice@127.0.0.1: bye bob$")
+    assert alice.finish() == 0
+    assert alice.text("err") == ""
+
+
+def test_every_line_piped_before_eof_is_delivered(start_server, open_client):
+    # A small burst forces the rate limit: the client must resend, not lose.
+    server = start_server("--msg-burst=10", "--msg-rate=50")
+    alice = open_client(server.port, "alice")
+    lines = [f"line {i}" for i in range(40)]
+    result = run_piped(server.port, "bob", "\n".join(lines) + "\n")
+    assert result.returncode == 0, result.stderr
+    assert messages_from(alice, "bob@127.0.0.1", 40) == lines
+    leave = alice.recv_type("leave")
+    assert (leave["member"], leave["reason"]) == ("bob@127.0.0.1", "quit")
+    assert "Traceback" not in result.stderr
+
+
+def test_a_rate_limited_quit_is_resent(start_server, open_client):
+    # Three tokens: hello and the two messages take them, so the quit is
+    # rate-limited.
+    server = start_server("--msg-burst=3", "--msg-rate=2")
+    alice = open_client(server.port, "alice")
+    result = run_piped(server.port, "bob", "one\ntwo\n")
+    assert result.returncode == 0, result.stderr
+    assert messages_from(alice, "bob@127.0.0.1", 2) == ["one", "two"]
+    leave = alice.recv_type("leave")
+    assert (leave["member"], leave["reason"]) == ("bob@127.0.0.1", "quit")
+
+
+def test_history_is_replayed_and_marked(server, connect):
+    alice = connect("alice")
+    alice.send({"type": "say", "text": "said before bob came"})
+    alice.recv_type("message")
+    result = run_piped(server.port, "bob", "")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    replayed = re.search(rf"^{TIME} \(history\) alice@127.0.0.1: said before bob came$", out, re.M)
+    own_join = re.search(rf"^{TIME} \* bob@127.0.0.1 joined$", out, re.M)
+    assert replayed and own_join and replayed.start() < own_join.start(), out
+
+
+def test_who_lists_the_members(server, connect, piped):
+    bob = piped(server.port, "bob")
+    bob.expect(r"^\* in the room \(1\): bob@127.0.0.1$")
+    connect("alice")
+    bob.expect(rf"^{TIME} \* alice@127.0.0.1 joined$")
+    bob.type("/who")
+    line = bob.expect(r"^\* in the room \(2\): (.*)$").group(1)
+    assert sorted(line.split(", ")) == ["alice@127.0.0.1", "bob@127.0.0.1"]
+    assert bob.finish() == 0
+
+
+def test_private_messages_both_ways(server, connect, piped):
+    bob = piped(server.port, "bob")
+    bob.expect(rf"^{TIME} \* bob@127.0.0.1 joined$")
+    alice = connect("alice")
+    bob.type("/msg alice psst, alice")
+    msg = alice.recv_type("private")
+    assert (msg["from"], msg["to"], msg["text"]) == ("bob@127.0.0.1", "alice@127.0.0.1",
+                                                     "psst, alice")
+    bob.expect(rf"^{TIME} \(private\) you -> alice@127.0.0.1: psst, alice$")
+    alice.send({"type": "private", "to": "bob", "text": "hi bob"})
+    bob.expect(rf"^{TIME} \(private\) alice@127.0.0.1 -> you: hi bob$")
+    bob.type("/msg nobody hello?")
+    bob.expect(r"^! no_such_member: ", key="err")
+    assert bob.finish() == 0
+    # Nothing private leaked into the room.
+    _, seen = alice.recv_until(lambda m: m["type"] == "leave")
+    assert not [m for m in seen if m["type"] == "message"]
+
+
+def test_join_and_leave_notices_name_the_reason(server, connect, open_client, piped):
+    bob = piped(server.port, "bob")
+    bob.expect(rf"^{TIME} \* bob@127.0.0.1 joined$")
+    alice = connect("alice")
+    bob.expect(rf"^{TIME} \* alice@127.0.0.1 joined$")
+    alice.send({"type": "quit"})
+    bob.expect(rf"^{TIME} \* alice@127.0.0.1 left$")
+    carol = open_client(server.port, "carol")
+    bob.expect(rf"^{TIME} \* carol@127.0.0.1 joined$")
+    carol.close()
+    bob.expect(rf"^{TIME} \* carol@127.0.0.1 hung up$")
+    dave = open_client(server.port, "dave")
+    dave.send_raw(b"\x00\x00\x00\x00")  # a zero length: protocol error
+    bob.expect(rf"^{TIME} \* dave@127.0.0.1 was disconnected for a protocol error$")
+    assert bob.finish() == 0
+
+
+def test_commands_stay_local_and_slash_can_be_escaped(server, connect):
+    alice = connect("alice")
+    result = run_piped(server.port, "bob", "/frobnicate now\n/help\n//not a command\n/msg\n")
+    assert result.returncode == 0, result.stderr
+    assert "! unknown command /frobnicate: /help lists the commands" in result.stderr
+    assert "! usage: /msg NAME TEXT" in result.stderr
+    assert "/msg NAME TEXT" in result.stdout  # the help text
+    _, seen = alice.recv_until(lambda m: m["type"] == "leave")
+    assert [m["text"] for m in seen if m["type"] == "message"] == ["/not a command"]
+
+
+def test_incoming_text_is_one_safe_line(server, connect, piped):
+    bob = piped(server.port, "bob")
+    bob.expect(rf"^{TIME} \* bob@127.0.0.1 joined$")
+    alice = connect("alice")
+    alice.send({"type": "say", "text": "two\nlines\u202eevil"})
+    bob.expect(rf"^{TIME} alice@127.0.0.1: two\u21b5lines\ufffdevil$")
+    assert bob.finish() == 0
+
+
+def test_display_neutralises_control_characters():
+    assert display.clean("a\x1b[2Jb\r\nc\x07") == "a\ufffd[2Jb\u21b5c\ufffd"
+    assert display.clean("tab\tkept") == "tab\tkept"
+    assert display.clean_outgoing("x\x1by\tz\x00") == "xy\tz"
+    assert display.room_event({"type": "leave", "seq": 1, "member": "a@h", "ts": 0,
+                               "reason": "slow_reader"}).endswith(
+        "* a@h was evicted (too slow reading)")
+
+
+def test_client_answers_the_servers_ping(start_server, open_client, piped):
+    # Pinged after 0.5 s of silence, cut off after 1 s without a pong.
+    server = start_server("--idle-timeout=1")
+    bob = piped(server.port, "bob")
+    bob.expect(rf"^{TIME} \* bob@127.0.0.1 joined$")
+    time.sleep(3)
+    assert bob.proc.poll() is None, bob.text("err")
+    alice = open_client(server.port)
+    alice.send({"type": "hello", "name": "alice"})
+    assert "bob@127.0.0.1" in alice.recv_type("welcome")["members"]
+    alice.close()
+    assert bob.finish() == 0
+    assert "idle_timeout" not in bob.text("err")
+
+
+def test_chunked_member_lists_are_joined(start_server, open_client):
+    # Small frames: about ten long labels fit in one members frame.
+    server = start_server("--max-frame=1024", "--max-per-ip=200")
+    names = [f"member-{i:02d}-" + "x" * 22 for i in range(25)]
+    for name in names:
+        open_client(server.port, name)
+    result = run_piped(server.port, "bob", "/who\n")
+    assert result.returncode == 0, result.stderr
+    expected = sorted([f"{n}@127.0.0.1" for n in names] + ["bob@127.0.0.1"])
+    lists = re.findall(r"^\* in the room \((\d+)\): (.*)$", result.stdout, re.M)
+    assert len(lists) == 2, result.stdout  # on joining, and for /who
+    for count, labels in lists:
+        assert int(count) == 26 and sorted(labels.split(", ")) == expected
+
+
+def fake_server(script):
+    """Serve one connection with ``script(sock, decoder)`` in a thread.
+
+    Returns (port, thread, failures); an assertion that fails in the
+    script is put in ``failures``.
+    """
+    listener = socket.create_server(("127.0.0.1", 0))
+    failures: list[BaseException] = []
+
+    def serve() -> None:
+        with listener:
+            listener.settimeout(10)
+            sock, _ = listener.accept()
+            with sock:
+                sock.settimeout(10)
+                try:
+                    script(sock, protocol.FrameDecoder())
+                except BaseException as exc:  # reported by the test
+                    failures.append(exc)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return listener.getsockname()[1], thread, failures
+
+
+def read_message(sock, decoder) -> dict:
+    while (payload := decoder.next_payload()) is None:
+        data = sock.recv(65536)
+        if not data:
+            raise EOFError("client closed")
+        decoder.receive_data(data)
+    return protocol.parse_client_message(payload)
+
+
+def test_ping_is_answered_with_the_same_token(piped):
+    def script(sock, decoder):
+        assert read_message(sock, decoder) == {"type": "hello", "name": "bob"}
+        for message in (
+            {"type": "welcome", "name": "bob", "label": "bob@10.1.2.3", "epoch": "e1",
+             "last_seq": 0, "members": ["bob@10.1.2.3"], "more": False, "history": 0},
+            {"type": "join", "seq": 1, "member": "bob@10.1.2.3", "ts": 0},
+            {"type": "ping", "token": "tok-7"},
+        ):
+            sock.sendall(protocol.encode_frame(message))
+        assert read_message(sock, decoder) == {"type": "pong", "token": "tok-7"}
+        sock.sendall(protocol.encode_frame({"type": "ping"}))
+        assert read_message(sock, decoder) == {"type": "pong"}
+        sock.sendall(protocol.encode_frame({"type": "shutdown", "message": "bye now"}))
+
+    port, thread, failures = fake_server(script)
+    bob = piped(port, "bob")  # stdin stays open: no quit interferes
+    thread.join(10)
+    assert not failures, failures
+    assert bob.wait() == 0, bob.text("err")
+    assert "! shutdown: bye now" in bob.text("err")
+
+
+def test_server_shutdown_is_announced_and_exits_zero(server, piped):
+    bob = piped(server.port, "bob")
+    bob.expect(rf"^{TIME} \* bob@127.0.0.1 joined$")
+    server.terminate()
+    bob.expect(r"^! shutdown: the server is shutting down$", key="err")
+    assert bob.wait() == 0
+    assert "! the server closed the connection" in bob.text("err")
+    assert "Traceback" not in bob.text("err")
+
+
+def test_lost_connection_exits_nonzero(server, piped):
+    bob = piped(server.port, "bob")
+    bob.expect(rf"^{TIME} \* bob@127.0.0.1 joined$")
+    server.proc.send_signal(signal.SIGKILL)
+    assert bob.wait() == 1
+    assert bob.text("err") == "! the server closed the connection"
+
+
+# --- refusals ----------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_unreachable_server_is_one_line():
+    port = free_port()
+    result = run_piped(port, "bob", "hello\n")
+    assert result.returncode == 1
+    line = assert_one_clean_line(result)
+    assert line == (f"chatroom: cannot reach the chat server at 127.0.0.1:{port} "
+                    "(connection refused)")
+
+
+def test_taken_name_is_one_line(server, connect):
+    connect("alice")
+    result = run_piped(server.port, "ALICE", "hello\n")
+    assert result.returncode == 2
+    line = assert_one_clean_line(result)
+    assert "cannot join as 'ALICE'" in line and "(name_taken)" in line
+
+
+@pytest.mark.parametrize("name", ["bad name", "Server", "x" * 33, "a/b"])
+def test_invalid_name_is_one_line(server, name):
+    result = run_piped(server.port, name, "hello\n")
+    assert result.returncode == 2
+    line = assert_one_clean_line(result)
+    assert "(name_invalid)" in line
+
+
+# --- terminal mode -------------------------------------------------------------
+
+
+class Terminal:
+    """The client on a pseudo-terminal, its output rendered by pyte."""
+
+    ROWS, COLS = 24, 100
+
+    def __init__(self, port: int, name: str) -> None:
+        # No cursor position requests: pexpect is not a terminal that answers.
+        env = {**os.environ, "TERM": "xterm", "PROMPT_TOOLKIT_NO_CPR": "1"}
+        self.child = pexpect.spawn(sys.executable, client_argv(port, name)[1:], env=env,
+                                   cwd=ROOT, encoding="utf-8", codec_errors="replace",
+                                   dimensions=(self.ROWS, self.COLS), timeout=5)
+        self.screen = pyte.Screen(self.COLS, self.ROWS)
+        self.stream = pyte.Stream(self.screen)
+
+    def _pump(self) -> None:
+        try:
+            while True:
+                self.stream.feed(self.child.read_nonblocking(65536, timeout=0.05))
+        except (pexpect.TIMEOUT, pexpect.EOF):
+            pass
+
+    def rows(self) -> list[str]:
+        return [row.rstrip() for row in self.screen.display]
+
+    def cursor_row(self) -> str:
+        return self.rows()[self.screen.cursor.y]
+
+    def wait(self, predicate, what: str, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._pump()
+            if predicate():
+                return
+        raise AssertionError(f"screen never showed {what}:\n" + "\n".join(self.rows()))
+
+    def close(self) -> None:
+        self.child.close(force=True)
+
+
+@pytest.fixture
+def terminal():
+    started: list[Terminal] = []
+
+    def start(port: int, name: str) -> Terminal:
+        term = Terminal(port, name)
+        started.append(term)
+        return term
+
+    yield start
+    for term in started:
+        term.close()
+
+
+def test_terminal_prompt_and_sending(server, connect, terminal):
+    alice = connect("alice")
+    term = terminal(server.port, "bob")
+    term.wait(lambda: term.cursor_row() == "[bob@127.0.0.1]>", "the prompt")
+    term.child.send("hello from a terminal\r")
+    assert messages_from(alice, "bob@127.0.0.1", 1) == ["hello from a terminal"]
+    term.wait(lambda: any(re.fullmatch(rf"{TIME} bob@127.0.0.1: hello from a terminal", r)
+                          for r in term.rows()), "the echo")
+    term.child.sendcontrol("d")  # Ctrl-D leaves
+    leave = alice.recv_type("leave")
+    assert (leave["member"], leave["reason"]) == ("bob@127.0.0.1", "quit")
+    term.child.expect(pexpect.EOF, timeout=5)
+    term.child.close()
+    assert term.child.exitstatus == 0
+
+
+def test_incoming_message_does_not_garble_typing(server, connect, terminal):
+    alice = connect("alice")
+    term = terminal(server.port, "bob")
+    term.wait(lambda: term.cursor_row() == "[bob@127.0.0.1]>", "the prompt")
+    term.child.send("half a thou")
+    term.wait(lambda: term.cursor_row() == "[bob@127.0.0.1]> half a thou", "the typed text")
+
+    alice.send({"type": "say", "text": "interrupting!"})
+    incoming = rf"{TIME} alice@127.0.0.1: interrupting!"
+    term.wait(lambda: any(re.fullmatch(incoming, r) for r in term.rows()), "the message")
+    # The message sits on its own line above; the prompt and the partial
+    # text are redrawn below it, untouched.
+    term.wait(lambda: term.cursor_row() == "[bob@127.0.0.1]> half a thou", "the redraw")
+    y = term.screen.cursor.y
+    assert re.fullmatch(incoming, term.rows()[y - 1]), term.rows()
+    assert not any("interrupting" in r and "half" in r for r in term.rows())
+
+    term.child.send("ght, finished\r")
+    assert messages_from(alice, "bob@127.0.0.1", 1) == ["half a thought, finished"]
+
+
+def test_terminal_shows_shutdown_and_exits_zero(server, terminal):
+    term = terminal(server.port, "bob")
+    term.wait(lambda: term.cursor_row() == "[bob@127.0.0.1]>", "the prompt")
+    term.child.send("unsent draft")
+    server.terminate()
+    term.wait(lambda: "! shutdown: the server is shutting down" in term.rows(), "the notice")
+    term.child.expect(pexpect.EOF, timeout=5)
+    term.child.close()
+    assert term.child.exitstatus == 0
