@@ -201,7 +201,7 @@ SERVER_MESSAGES: Schema = {
     "welcome": {
         "name": _STR,
         "label": _STR,
-        "epoch": _STR,
+        "epoch": _OPT_STR,
         "last_seq": _INT,
         "members": _LIST,
         "more": _BOOL,

@@ -261,10 +261,17 @@ class ChatServer(RoomCommands):
                 return self._fail(client, exc.code, exc.message, "protocol_error")
             if payload is None:
                 break
-            if not self._take_token(client):
-                continue
             try:
                 message = protocol.parse_client_message(payload)
+            except protocol.MessageError as exc:
+                if self._take_token(client):  # garbage costs a token too
+                    self._send_error(client, exc.code, exc.message)
+                continue
+            # quit is free: a client over its rate must still be able to leave
+            # with reason "quit" rather than be recorded as hanging up.
+            if message["type"] != "quit" and not self._take_token(client):
+                continue
+            try:
                 self._handlers[message["type"]](client, message)
             except protocol.MessageError as exc:
                 self._send_error(client, exc.code, exc.message)
@@ -291,8 +298,9 @@ class ChatServer(RoomCommands):
         client.strikes += 1
         if client.strikes > limits.flood_strikes:
             self._fail(client, "flooding", "disconnected for flooding", "flooding")
-        elif client.strikes == 1:
-            # One error per streak: a flooder is not also sent a flood.
+        else:
+            # Every dropped frame is answered, so a client knows what to
+            # resend; flood_strikes bounds how many answers a flooder gets.
             self._send_error(client, "rate_limited",
                              f"slow down: at most {limits.msg_rate:g} messages a second")
         return False

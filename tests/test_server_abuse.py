@@ -184,7 +184,8 @@ def test_flooder_is_rate_limited_then_disconnected(start_server, open_client):
             break
         if msg["type"] == "error":
             codes.append(msg["code"])
-    assert codes == ["rate_limited", "flooding"]
+    # Each dropped frame is answered, up to the strike limit (default 100).
+    assert codes == ["rate_limited"] * 100 + ["flooding"]
     leave, before = alice.recv_until(lambda m: m["type"] == "leave")
     assert leave["reason"] == "flooding"
     spam = [m["text"] for m in before if m["type"] == "message"]
@@ -279,3 +280,18 @@ def test_bad_limits_on_the_command_line_are_one_clear_error():
         assert result.returncode == 2, option
         assert "Traceback" not in result.stderr
         assert result.stderr.strip().count("\n") == 0, result.stderr
+
+
+def test_quit_is_honoured_even_over_the_rate(start_server, open_client):
+    server = start_server("--max-per-ip=100", "--msg-burst=3", "--msg-rate=0.1")
+    alice = open_client(server.port, "alice")
+    bob = open_client(server.port, "bob")
+    for i in range(5):
+        bob.send({"type": "say", "text": f"hasty {i}"})
+    bob.send({"type": "quit"})
+    leave, before = alice.recv_until(lambda m: m["type"] == "leave")
+    assert (leave["member"], leave["reason"]) == ("bob@127.0.0.1", "quit")
+    assert [m["text"] for m in before if m["type"] == "message"] == ["hasty 0", "hasty 1"]
+    codes = [m["code"] for m in bob.recv_until(lambda m: m["type"] == "leave")[1]
+             if m["type"] == "error"]
+    assert codes == ["rate_limited"] * 3
