@@ -484,6 +484,26 @@ async def test_health_unavailable_503(gateway_client):
                                    "address": f"127.0.0.1:{port}"}
 
 
+async def test_health_follows_the_chat_server_stopping_and_starting(gateway_client,
+                                                                    start_server):
+    first = start_server()
+    client = await gateway_client(first.port, health_cache=0.2)
+
+    async def status_becomes(code: int) -> None:
+        async def check():
+            while (await client.get("/health")).status != code:
+                await asyncio.sleep(0.1)
+        await asyncio.wait_for(check(), 10)
+
+    await status_becomes(200)
+    assert await in_thread(first.terminate) == 0
+    await status_becomes(503)
+    start_server(f"--port={first.port}")
+    await status_becomes(200)
+    body = await (await client.get("/health")).json()
+    assert body["chat_server"]["reachable"] is True
+
+
 async def test_health_times_out_on_a_silent_server(gateway_client):
     with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts, never answers
         client = await gateway_client(silent.getsockname()[1], health_timeout=0.3)
