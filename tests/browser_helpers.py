@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import queue
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -14,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import Program
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
@@ -44,49 +44,21 @@ def require_chromium() -> None:
     pytest.skip(problem)
 
 
-class GatewayProcess:
+class GatewayProcess(Program):
     """``python -m gateway`` in a subprocess; ``url`` is read from its
     ``serving on http://HOST:PORT/`` log line."""
 
     def __init__(self, log_dir: Path, chat_port: int, http_port: int = 0,
                  *args: str) -> None:
-        self.log_path = log_dir / f"gateway-{time.monotonic_ns()}.log"
-        self._log = open(self.log_path, "w+b")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", f"--http-port={http_port}",
-             "--chat-host=127.0.0.1", f"--chat-port={chat_port}", *args],
-            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
-        )
-        self.host, self.port = self._wait_serving()
+        super().__init__(log_dir, "-m", "gateway", f"--http-port={http_port}",
+                         "--chat-host=127.0.0.1", f"--chat-port={chat_port}", *args)
+        try:
+            match = self.wait_log(SERVING)
+        except AssertionError as exc:
+            self.kill()
+            raise RuntimeError(f"gateway did not start: {exc}") from None
+        self.host, self.port = match.group(1), int(match.group(2))
         self.url = f"http://{self.host}:{self.port}/"
-
-    def _wait_serving(self, timeout: float = 10.0) -> tuple[str, int]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            match = SERVING.search(self.log_text())
-            if match:
-                return match.group(1), int(match.group(2))
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.02)
-        self.kill()
-        raise RuntimeError(f"gateway did not start:\n{self.log_text()}")
-
-    def log_text(self) -> str:
-        return self.log_path.read_bytes().decode(errors="replace")
-
-    def terminate(self, timeout: float = 10.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout)
-        self._log.close()
-        return code
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(5)
-        self._log.close()
 
 
 class TerminalClient:

@@ -20,59 +20,65 @@ ARTIFACTS = ROOT / "tests" / "artifacts"
 LISTENING = re.compile(r"listening on (\S+):(\d+)")
 
 
-class ServerProcess:
-    """``python -m tcpserver --name=server --port=0`` in a subprocess.
+class Program:
+    """``python ARGS`` in a subprocess, its merged output going to a file
+    that tests can search."""
 
-    ``port`` is read from the server's own ``listening on HOST:PORT`` log
-    line; the log goes to a file so a test can read it (``log_text()``).
-    """
-
-    def __init__(self, tmp_path: Path, *args: str) -> None:
-        self.log_path = tmp_path / f"server-{time.monotonic_ns()}.log"
+    def __init__(self, log_dir: Path, *args: str, **popen) -> None:
+        self.log_path = log_dir / f"program-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "w+b")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tcpserver", "--name=server", "--port=0",
-             "--log-level=debug", *args],
-            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            cwd=ROOT,
-        )
-        self.host, self.port = self._wait_listening()
-
-    def _wait_listening(self, timeout: float = 10.0) -> tuple[str, int]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            match = LISTENING.search(self.log_text())
-            if match:
-                return match.group(1), int(match.group(2))
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.02)
-        self.kill()
-        raise RuntimeError(f"server did not start:\n{self.log_text()}")
+        popen.setdefault("stdin", subprocess.DEVNULL)
+        self.proc = subprocess.Popen([sys.executable, *args], stdout=self._log,
+                                     stderr=subprocess.STDOUT, cwd=ROOT, **popen)
 
     def log_text(self) -> str:
         return self.log_path.read_bytes().decode(errors="replace")
 
-    def wait_log(self, pattern: str, timeout: float = 5.0) -> re.Match[str]:
+    def wait_log(self, pattern: str | re.Pattern, timeout: float = 10.0) -> re.Match[str]:
+        """First match of ``pattern`` in the output; AssertionError if it does
+        not appear in time or the program exits without printing it."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             match = re.search(pattern, self.log_text())
             if match:
                 return match
+            if self.proc.poll() is not None:
+                match = re.search(pattern, self.log_text())  # output after the last look
+                if match:
+                    return match
+                break
             time.sleep(0.02)
-        raise AssertionError(f"{pattern!r} not in server log:\n{self.log_text()}")
+        raise AssertionError(f"{pattern!r} not in output:\n{self.log_text()}")
+
+    def signal(self, sig: int, timeout: float = 20.0) -> int:
+        """Send ``sig``, wait, return the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
 
     def terminate(self, timeout: float = 10.0) -> int:
-        """SIGTERM, wait, return the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
+        return self.signal(signal.SIGTERM, timeout)
 
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait(5)
+        self.proc.wait(5)
         self._log.close()
+
+
+class ServerProcess(Program):
+    """``python -m tcpserver --name=server --port=0`` in a subprocess; ``port``
+    is read from the server's own ``listening on HOST:PORT`` log line."""
+
+    def __init__(self, log_dir: Path, *args: str) -> None:
+        super().__init__(log_dir, "-m", "tcpserver", "--name=server", "--port=0",
+                         "--log-level=debug", *args)
+        try:
+            match = self.wait_log(LISTENING)
+        except AssertionError as exc:
+            self.kill()
+            raise RuntimeError(f"server did not start: {exc}") from None
+        self.host, self.port = match.group(1), int(match.group(2))
 
 
 @pytest.fixture
@@ -192,6 +198,22 @@ def connect(server, open_client):
         return open_client(port or server.port, name)
 
     return make
+
+
+TIME_LIMIT = 180  # seconds; a backstop, every wait in the tests has its own timeout
+
+
+@pytest.fixture(autouse=True)
+def time_limit():
+    """Fail a test that hangs instead of hanging the run."""
+    def expired(signum, frame):
+        raise TimeoutError(f"test ran over {TIME_LIMIT} s")
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(TIME_LIMIT)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
 
 
 def pytest_configure(config):

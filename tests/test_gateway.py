@@ -7,7 +7,6 @@ in a thread (``asyncio.to_thread``); the gateway shares the test's loop.
 import asyncio
 import ipaddress
 import json
-import signal
 import socket
 
 import aiohttp
@@ -23,19 +22,7 @@ from tcpserver import protocol
 pytestmark = pytest.mark.asyncio
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)
-TIME_LIMIT = 60  # seconds; a backstop, every wait below has its own timeout
 
-
-@pytest.fixture(autouse=True)
-def time_limit():
-    def expired(signum, frame):
-        raise TimeoutError(f"test ran over {TIME_LIMIT} s")
-
-    old = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(TIME_LIMIT)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
 
 
 @pytest.fixture

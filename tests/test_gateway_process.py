@@ -9,65 +9,17 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import ROOT, RawClient
+from conftest import ROOT, Program, RawClient
 
 SERVING = re.compile(r"serving on http://(\S+?):(\d+)/")
 LISTENING = re.compile(r"listening on (\S+):(\d+)")
-TIME_LIMIT = 120  # seconds; a backstop, every wait below has its own timeout
 
-
-@pytest.fixture(autouse=True)
-def time_limit():
-    def expired(signum, frame):
-        raise TimeoutError(f"test ran over {TIME_LIMIT} s")
-
-    old = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(TIME_LIMIT)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
-
-
-class Program:
-    """A subprocess whose merged output goes to a file we can search."""
-
-    def __init__(self, tmp_path: Path, *args: str, **popen) -> None:
-        self.log_path = tmp_path / f"program-{time.monotonic_ns()}.log"
-        self._log = open(self.log_path, "w+b")
-        self.proc = subprocess.Popen(
-            [sys.executable, *args], stdin=subprocess.DEVNULL, stdout=self._log,
-            stderr=subprocess.STDOUT, cwd=ROOT, **popen)
-
-    def text(self) -> str:
-        return self.log_path.read_bytes().decode(errors="replace")
-
-    def wait_for(self, pattern: re.Pattern, timeout: float = 10.0) -> re.Match:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            match = pattern.search(self.text())
-            if match:
-                return match
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.02)
-        raise AssertionError(f"{pattern.pattern!r} not in output:\n{self.text()}")
-
-    def signal(self, sig: int, timeout: float = 20.0) -> int:
-        self.proc.send_signal(sig)
-        return self.proc.wait(timeout)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
-        self._log.close()
 
 
 @pytest.fixture
@@ -110,7 +62,7 @@ def refused(port: int) -> bool:
 
 def test_gateway_command_serves_and_sigterm_closes_sessions_1001(program, server, request):
     gw = program("-m", "gateway", "--http-port=0", f"--chat-port={server.port}")
-    host, port = gw.wait_for(SERVING).groups()
+    host, port = gw.wait_log(SERVING).groups()
     alice = RawClient(server.port)
     request.addfinalizer(alice.close)
     alice.join("alice")
@@ -131,29 +83,29 @@ def test_gateway_command_serves_and_sigterm_closes_sessions_1001(program, server
     assert gw.proc.wait(10) == 0
     left, _ = alice.recv_until(lambda m: m["type"] == "leave")
     assert left["member"] == "web@127.0.0.1"
-    assert "stopped" in gw.text()
+    assert "stopped" in gw.log_text()
 
 
 def test_gateway_command_busy_http_port(program, server, busy_port):
     gw = program("-m", "gateway", f"--http-port={busy_port}", f"--chat-port={server.port}")
     assert gw.proc.wait(10) == 1
-    assert f"HTTP port {busy_port} is busy" in gw.text()
-    assert "Traceback" not in gw.text()
+    assert f"HTTP port {busy_port} is busy" in gw.log_text()
+    assert "Traceback" not in gw.log_text()
 
 
 def test_gateway_command_rejects_bad_options(program):
     gw = program("-m", "gateway", "--trusted-proxy=10.0.0.0/99")
     assert gw.proc.wait(10) == 2
-    assert "10.0.0.0/99" in gw.text() and "Traceback" not in gw.text()
+    assert "10.0.0.0/99" in gw.log_text() and "Traceback" not in gw.log_text()
 
 
 # --- chatroom: server and gateway together ------------------------------------
 
 def test_chatroom_bare_command_runs_both_and_sigterm_stops_both(program):
     room = program("-m", "tcpserver", "--port=0", "--http-port=0")
-    chat_port = int(room.wait_for(LISTENING).group(2))
-    host, http_port = room.wait_for(SERVING).groups()
-    assert re.search(rf"open http://{re.escape(host)}:{http_port}/ in a browser", room.text())
+    chat_port = int(room.wait_log(LISTENING).group(2))
+    host, http_port = room.wait_log(SERVING).groups()
+    assert re.search(rf"open http://{re.escape(host)}:{http_port}/ in a browser", room.log_text())
 
     status, body = get(f"http://{host}:{http_port}/health")
     assert status == 200
@@ -161,28 +113,28 @@ def test_chatroom_bare_command_runs_both_and_sigterm_stops_both(program):
     assert health["chat_server"]["address"] == f"127.0.0.1:{chat_port}"
     assert get(f"http://{host}:{http_port}/")[0] == 200
 
-    assert room.signal(signal.SIGTERM) == 0, room.text()
+    assert room.signal(signal.SIGTERM) == 0, room.log_text()
     assert refused(chat_port) and refused(int(http_port))
-    assert "tcpserver.server INFO stopped" in room.text()
+    assert "tcpserver.server INFO stopped" in room.log_text()
 
 
 def test_chatroom_ctrl_c_stops_both(program):
     # A terminal's Ctrl-C reaches the whole process group: launcher and server.
     room = program("-m", "tcpserver", "--port=0", "--http-port=0", start_new_session=True)
-    chat_port = int(room.wait_for(LISTENING).group(2))
-    room.wait_for(SERVING)
+    chat_port = int(room.wait_log(LISTENING).group(2))
+    room.wait_log(SERVING)
     os.killpg(room.proc.pid, signal.SIGINT)
-    assert room.proc.wait(20) == 0, room.text()
+    assert room.proc.wait(20) == 0, room.log_text()
     assert refused(chat_port)
-    assert "Traceback" not in room.text()
+    assert "Traceback" not in room.log_text()
 
 
 def test_chatroom_passes_server_options_through(program):
     room = program("-m", "tcpserver", "--port=0", "--http-port=0", "--max-frame=2000",
                    "--log-level=debug")
-    room.wait_for(SERVING)
-    assert "--max-frame=2000" not in room.text()  # not an error about the option
-    host, http_port = room.wait_for(SERVING).groups()
+    room.wait_log(SERVING)
+    assert "--max-frame=2000" not in room.log_text()  # not an error about the option
+    host, http_port = room.wait_log(SERVING).groups()
 
     async def oversized() -> aiohttp.WSMessage:
         async with aiohttp.ClientSession() as http:
@@ -199,18 +151,18 @@ def test_chatroom_passes_server_options_through(program):
 def test_chatroom_busy_chat_port(program, busy_port):
     room = program("-m", "tcpserver", f"--port={busy_port}", "--http-port=0")
     assert room.proc.wait(15) != 0
-    assert f"chat port {busy_port} is busy" in room.text()
-    assert "serving on" not in room.text() and "Traceback" not in room.text()
+    assert f"chat port {busy_port} is busy" in room.log_text()
+    assert "serving on" not in room.log_text() and "Traceback" not in room.log_text()
 
 
 def test_chatroom_busy_http_port_stops_the_server(program, busy_port):
     room = program("-m", "tcpserver", "--port=0", f"--http-port={busy_port}")
     assert room.proc.wait(15) != 0
-    chat_port = int(room.wait_for(LISTENING).group(2))
-    assert f"HTTP port {busy_port} is busy" in room.text()
+    chat_port = int(room.wait_log(LISTENING).group(2))
+    assert f"HTTP port {busy_port} is busy" in room.log_text()
     assert refused(chat_port)
-    assert "tcpserver.server INFO stopped" in room.text()
-    assert "Traceback" not in room.text()
+    assert "tcpserver.server INFO stopped" in room.log_text()
+    assert "Traceback" not in room.log_text()
 
 
 # --- packaging -----------------------------------------------------------------
