@@ -9,7 +9,8 @@ polled the chat server sees at most one probe connection per period.
 The answer, 200 while the chat server answers and 503 when not::
 
     {"status": "ok" | "unavailable",
-     "chat_server": {"reachable": bool, "rtt_ms": float | null, "address": "host:port"},
+     "chat_server": {"reachable": bool, "rtt_ms": float | null, "address": "host:port",
+                     "error": str | null},
      "sessions": int, "uptime_s": float, "version": str}
 """
 
@@ -90,6 +91,9 @@ class HealthProbe:
             return ProbeResult(True, round((time.monotonic() - start) * 1000, 3))
         except asyncio.TimeoutError:
             return self._failed(f"no pong within {self.config.health_timeout:g} s")
+        except ConnectionRefusedError:
+            # asyncio's text ("Connect call failed (...)") says less than this.
+            return self._failed("connection refused")
         except (OSError, protocol.ProtocolError) as exc:
             return self._failed(getattr(exc, "strerror", None) or str(exc))
         finally:
@@ -143,6 +147,7 @@ class HealthView:
                 "reachable": result.reachable,
                 "rtt_ms": result.rtt_ms,
                 "address": self.probe.config.chat_address,
+                "error": result.error,  # why it is unreachable, for the operator
             },
             "sessions": self.sessions(),
             "uptime_s": round(time.monotonic() - self.started, 3),

@@ -468,7 +468,8 @@ async def test_health_unavailable_503(gateway_client):
     body = await response.json()
     assert body["status"] == "unavailable"
     assert body["chat_server"] == {"reachable": False, "rtt_ms": None,
-                                   "address": f"127.0.0.1:{port}"}
+                                   "address": f"127.0.0.1:{port}",
+                                   "error": "connection refused"}
 
 
 async def test_health_follows_the_chat_server_stopping_and_starting(gateway_client,
