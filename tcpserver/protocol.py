@@ -58,7 +58,6 @@ ERROR_CODES = (
     "hello_timeout",
     "idle_timeout",
     "frame_timeout",
-    "slow_reader",
     "server_full",
     "too_many_connections",
 )
@@ -67,7 +66,7 @@ ERROR_CODES = (
 # connection stays usable (PROTOCOL.md, the error table).
 CLOSING_ERRORS = frozenset({
     "bad_frame", "flooding", "hello_timeout", "idle_timeout", "frame_timeout",
-    "slow_reader", "server_full", "too_many_connections",
+    "server_full", "too_many_connections",
 })
 
 
