@@ -219,3 +219,40 @@ def test_arbitrary_payloads_raise_only_message_errors(payload):
             parse(payload)
         except MessageError:
             pass
+
+
+# --- PROTOCOL.md stays in step with the code --------------------------------
+
+def _table_after(heading: str) -> dict[str, str]:
+    """First-column code -> last column, for the table after ``heading``."""
+    from conftest import ROOT
+
+    text = (ROOT / "tcpserver" / "PROTOCOL.md").read_text()
+    section = text[text.index(heading):]
+    rows = {}
+    for line in section.splitlines()[1:]:
+        if line.startswith("#"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| `"):
+            rows[cells[0].strip("`")] = cells[-1]
+    return rows
+
+
+def test_error_codes_are_documented_with_whether_they_close():
+    table = _table_after("### `error`")
+    assert set(table) == set(protocol.ERROR_CODES)
+    closing = {code for code, then in table.items() if then == "closed"}
+    assert closing == protocol.CLOSING_ERRORS
+
+
+def test_leave_reasons_are_documented():
+    assert set(_table_after("Leave reasons:")) == set(protocol.LEAVE_REASONS)
+
+
+def test_every_message_type_is_documented():
+    from conftest import ROOT
+
+    text = (ROOT / "tcpserver" / "PROTOCOL.md").read_text()
+    for kind in [*protocol.CLIENT_MESSAGES, *protocol.SERVER_MESSAGES]:
+        assert f'"type": "{kind}"' in text, kind
