@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import logging
 import re
@@ -29,6 +30,19 @@ LISTENING = re.compile(rb"listening on (\S+):(\d+)")
 START_TIMEOUT = 10.0
 # The server's default shutdown grace is 5 s; after twice that it is stuck.
 STOP_TIMEOUT = 10.0
+
+
+# From <linux/prctl.h>: ask for a signal when the parent process dies.
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the server child, before exec: SIGTERM it if the launcher dies,
+    even by SIGKILL, so no orphan keeps the chat port."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux: a killed launcher leaves the server to be stopped by hand
 
 
 def run(host: str, chat_port: int, http_port: int, server_args: list[str],
@@ -65,7 +79,7 @@ async def _supervise(host: str, chat_port: int, http_port: int, server_args: lis
         sys.executable, "-m", "tcpserver", "--name=server", f"--host={host}",
         f"--port={chat_port}", f"--log-level={log_level}", *server_args,
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT)
+        stderr=asyncio.subprocess.STDOUT, preexec_fn=_die_with_parent)
     listening: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     output: list[bytes] = []
     pump = asyncio.create_task(_pump(child, listening, output))

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -127,6 +128,19 @@ def test_chatroom_ctrl_c_stops_both(program):
     assert room.proc.wait(20) == 0, room.log_text()
     assert refused(chat_port)
     assert "Traceback" not in room.log_text()
+
+
+def test_chatroom_killed_outright_takes_its_server_with_it(program):
+    room = program("-m", "tcpserver", "--port=0", "--http-port=0")
+    chat_port = int(room.wait_log(LISTENING).group(2))
+    room.wait_log(SERVING)
+    assert not refused(chat_port)
+    room.proc.kill()  # SIGKILL: the launcher gets no chance to stop the server
+    room.proc.wait(5)
+    deadline = time.monotonic() + 10
+    while not refused(chat_port):
+        assert time.monotonic() < deadline, "the server outlived its launcher"
+        time.sleep(0.1)
 
 
 def test_chatroom_passes_server_options_through(program):
