@@ -177,9 +177,9 @@ def test_every_line_piped_before_eof_is_delivered(start_server, open_client):
     assert "Traceback" not in result.stderr
 
 
-def test_a_rate_limited_quit_is_resent(start_server, open_client):
-    # Three tokens: hello and the two messages take them, so the quit is
-    # rate-limited.
+def test_quit_after_the_burst_still_leaves_with_reason_quit(start_server, open_client):
+    # Three tokens: hello and the two messages take them all; the quit still
+    # has to be honoured, or the room would see bob hang up.
     server = start_server("--msg-burst=3", "--msg-rate=2")
     alice = open_client(server.port, "alice")
     result = run_piped(server.port, "bob", "one\ntwo\n")
