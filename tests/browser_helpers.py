@@ -4,12 +4,7 @@ subprocesses, Chromium's location, and a few page actions."""
 from __future__ import annotations
 
 import os
-import queue
 import re
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -59,83 +54,6 @@ class GatewayProcess(Program):
             raise RuntimeError(f"gateway did not start: {exc}") from None
         self.host, self.port = match.group(1), int(match.group(2))
         self.url = f"http://{self.host}:{self.port}/"
-
-
-class TerminalClient:
-    """``python -m tcpserver --name=NAME --port=N`` with stdin and stdout
-    piped: each line written is sent, each room line it prints is kept."""
-
-    def __init__(self, name: str, port: int) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tcpserver", f"--name={name}", f"--port={port}"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            cwd=ROOT, text=True, encoding="utf-8", bufsize=1,
-        )
-        self.lines: list[str] = []
-        self._new: queue.Queue[str] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._new.put(line.rstrip("\n"))
-
-    def _collect(self, timeout: float) -> None:
-        try:
-            self.lines.append(self._new.get(timeout=timeout))
-            while True:
-                self.lines.append(self._new.get_nowait())
-        except queue.Empty:
-            pass
-
-    def wait_line(self, pattern: str, timeout: float = 10.0) -> str:
-        """Return the first line (seen so far or within ``timeout``)
-        matching ``pattern``; raise AssertionError with the output if none."""
-        deadline = time.monotonic() + timeout
-        while True:
-            for line in self.lines:
-                if re.search(pattern, line):
-                    return line
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(
-                    f"{pattern!r} not in the terminal client's output:\n" + "\n".join(self.lines))
-            self._collect(min(remaining, 0.2))
-
-    def has_line(self, pattern: str) -> bool:
-        self._collect(0)
-        return any(re.search(pattern, line) for line in self.lines)
-
-    def send_line(self, text: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(text + "\n")
-        self.proc.stdin.flush()
-
-    def close(self, timeout: float = 10.0) -> int:
-        """End its input (it quits) and return its exit status."""
-        if self.proc.stdin and not self.proc.stdin.closed:
-            try:
-                self.proc.stdin.close()
-            except BrokenPipeError:
-                pass
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            self.kill()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(5)
-        if self.proc.stdin and not self.proc.stdin.closed:
-            try:
-                self.proc.stdin.close()
-            except BrokenPipeError:
-                pass
-        self._reader.join(5)
-        if self.proc.stdout:
-            self.proc.stdout.close()
 
 
 # --- page actions ------------------------------------------------------------

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -198,6 +199,88 @@ def connect(server, open_client):
         return open_client(port or server.port, name)
 
     return make
+
+
+def client_argv(port: int, name: str) -> list[str]:
+    """The terminal client's command line."""
+    return [sys.executable, "-m", "tcpserver", f"--name={name}", f"--port={port}"]
+
+
+class PipedClient:
+    """A client subprocess with stdin kept open; its output lines collected."""
+
+    def __init__(self, port: int, name: str) -> None:
+        self.proc = subprocess.Popen(client_argv(port, name), stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, cwd=ROOT)
+        self.lines = {"out": [], "err": []}
+        self._lock = threading.Lock()
+        self._readers = [threading.Thread(target=self._collect, args=(key, stream), daemon=True)
+                         for key, stream in (("out", self.proc.stdout),
+                                             ("err", self.proc.stderr))]
+        for reader in self._readers:
+            reader.start()
+
+    def _collect(self, key: str, stream) -> None:
+        for line in stream:
+            with self._lock:
+                self.lines[key].append(line.rstrip("\n"))
+
+    def text(self, key: str = "out") -> str:
+        with self._lock:
+            return "\n".join(self.lines[key])
+
+    def expect(self, pattern: str, key: str = "out", timeout: float = 10.0) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = re.search(pattern, self.text(key), re.MULTILINE)
+            if match:
+                return match
+            time.sleep(0.02)
+        raise AssertionError(f"{pattern!r} not in client std{key}:\n{self.text(key)}\n"
+                             f"stderr:\n{self.text('err')}")
+
+    def type(self, line: str) -> None:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def wait(self, timeout: float = 10.0) -> int:
+        """Wait for the exit and for all its output; return the exit code."""
+        code = self.proc.wait(timeout)
+        for reader in self._readers:
+            reader.join(timeout)
+        return code
+
+    def finish(self, timeout: float = 10.0) -> int:
+        """Close stdin (end of input) and return the exit code."""
+        if not self.proc.stdin.closed:
+            self.proc.stdin.close()
+        return self.wait(timeout)
+
+    def close(self) -> None:
+        """Kill if still running; close the pipes once their readers are done."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(5)
+        for reader in self._readers:
+            reader.join(5)
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            stream.close()
+
+
+@pytest.fixture
+def piped():
+    """Factory ``piped(port, name) -> PipedClient``; all killed at teardown."""
+    started: list[PipedClient] = []
+
+    def start(port: int, name: str) -> PipedClient:
+        client = PipedClient(port, name)
+        started.append(client)
+        return client
+
+    yield start
+    for client in started:
+        client.close()
 
 
 TIME_LIMIT = 180  # seconds; a backstop, every wait in the tests has its own timeout

@@ -14,7 +14,6 @@ from browser_helpers import (
     CHROMIUM_ARGS,
     TIMEOUT_MS,
     GatewayProcess,
-    TerminalClient,
     join,
     member_names,
     message_entry,
@@ -114,27 +113,13 @@ def gateway(server, start_gateway) -> GatewayProcess:
     return start_gateway(server.port)
 
 
-@pytest.fixture
-def terminals():
-    started: list[TerminalClient] = []
-
-    def start(name: str, port: int) -> TerminalClient:
-        client = TerminalClient(name, port)
-        started.append(client)
-        return client
-
-    yield start
-    for client in started:
-        client.kill()
-
-
 def expect_():
     from playwright.sync_api import expect
 
     return expect
 
 
-def test_two_pages_and_a_terminal_chat_in_one_room(server, gateway, pages, terminals):
+def test_two_pages_and_a_terminal_chat_in_one_room(server, gateway, pages, piped):
     expect = expect_()
     alice = pages.open(gateway.url)
     bob = pages.open(gateway.url)
@@ -142,21 +127,21 @@ def test_two_pages_and_a_terminal_chat_in_one_room(server, gateway, pages, termi
     join(bob, "bob")
     expect(notice_entry(alice, "join", "bob")).to_have_count(1)
 
-    carol = terminals("carol", server.port)
-    carol.wait_line(r"^\* joined as carol@")
+    carol = piped(server.port, "carol")
+    carol.expect(r"^\* joined as carol@")
     for page in (alice, bob):
         expect(notice_entry(page, "join", "carol")).to_have_count(1)
 
-    carol.send_line("hello from the terminal")
-    carol.wait_line(r"carol@\S+: hello from the terminal$")
+    carol.type("hello from the terminal")
+    carol.expect(r"carol@\S+: hello from the terminal$")
     say(alice, "hello from alice")
     say(bob, "and from bob")
     for page in (alice, bob):
         expect(message_entry(page, "carol", "hello from the terminal")).to_have_count(1)
         expect(message_entry(page, "alice", "hello from alice")).to_have_count(1)
         expect(message_entry(page, "bob", "and from bob")).to_have_count(1)
-    carol.wait_line(r"\] alice@\S+: hello from alice$")
-    carol.wait_line(r"\] bob@\S+: and from bob$")
+    carol.expect(r"\] alice@\S+: hello from alice$")
+    carol.expect(r"\] bob@\S+: and from bob$")
 
     # Own messages are marked, for the eye and for a screen reader.
     mine = message_entry(alice, "alice", "hello from alice")
@@ -165,7 +150,7 @@ def test_two_pages_and_a_terminal_chat_in_one_room(server, gateway, pages, termi
     expect(message_entry(alice, "bob", "and from bob")).not_to_have_class(re.compile(r"\bmine\b"))
 
     # All three see one transcript, in the same order.
-    carol_order = [line.split(": ", 1)[1] for line in carol.lines
+    carol_order = [line.split(": ", 1)[1] for line in carol.lines["out"]
                    if re.search(r"\] \w+@\S+: ", line)]
     for page in (alice, bob):
         texts = [e["text"] for e in room_entries(page) if e["kind"] == "message"]
@@ -177,21 +162,21 @@ def test_two_pages_and_a_terminal_chat_in_one_room(server, gateway, pages, termi
     expect(bob.locator("#status")).to_have_attribute("data-state", "offline")
     expect(bob.locator("#join-form")).to_be_visible()
     expect(notice_entry(alice, "leave", "bob")).to_have_text(re.compile(r"bob\s+left$"))
-    carol.wait_line(r"\* bob@\S+ left$")
-    assert carol.close() == 0
+    carol.expect(r"\* bob@\S+ left$")
+    assert carol.finish() == 0
     expect(notice_entry(alice, "leave", "carol")).to_have_count(1)
     assert pages.problems == []
 
 
-def test_private_messages_by_member_click_and_slash_msg(server, gateway, pages, terminals,
+def test_private_messages_by_member_click_and_slash_msg(server, gateway, pages, piped,
                                                         connect):
     expect = expect_()
     alice = pages.open(gateway.url)
     bob = pages.open(gateway.url)
     join(alice, "alice")
     join(bob, "bob")
-    carol = terminals("carol", server.port)
-    carol.wait_line(r"^\* joined as carol@")
+    carol = piped(server.port, "carol")
+    carol.expect(r"^\* joined as carol@")
     expect(alice.locator("#member-list button.member-body")).to_have_count(2)
 
     # Click a member, type, Enter: only that member gets it.
@@ -199,7 +184,7 @@ def test_private_messages_by_member_click_and_slash_msg(server, gateway, pages, 
     expect(alice.locator("#compose-text")).to_be_focused()
     expect(alice.locator("#compose-to option:checked")).to_have_text("carol")
     say(alice, "psst carol")
-    carol.wait_line(r"\(private\) alice@\S+ -> you: psst carol$")
+    carol.expect(r"\(private\) alice@\S+ -> you: psst carol$")
     echo = alice.locator("#transcript li.private.mine")
     expect(echo).to_have_count(1)
     expect(echo).to_contain_text("to carol")
@@ -223,7 +208,7 @@ def test_private_messages_by_member_click_and_slash_msg(server, gateway, pages, 
     msg, before = a_witness.recv_until(lambda m: m.get("text") == "public again")
     assert all(m["type"] != "private" for m in before)
     assert bob.locator("#transcript li.private").count() == 1
-    assert not carol.has_line("just for bob")
+    assert "just for bob" not in carol.text()
     assert pages.problems == []
 
 

@@ -19,6 +19,7 @@ import time
 import pexpect
 import pyte
 import pytest
+from conftest import client_argv
 
 from tcpserver import display, protocol
 
@@ -27,91 +28,10 @@ TIME = r"\[\d\d:\d\d:\d\d\]"
 RUN_TIMEOUT = 20
 
 
-def client_argv(port: int, name: str) -> list[str]:
-    return [sys.executable, "-m", "tcpserver", f"--name={name}", f"--port={port}"]
-
-
 def run_piped(port: int, name: str, stdin: str, timeout: float = RUN_TIMEOUT):
     """Run a client to completion with ``stdin`` piped in."""
     return subprocess.run(client_argv(port, name), input=stdin, capture_output=True,
                           text=True, timeout=timeout, cwd=ROOT)
-
-
-class PipedClient:
-    """A client subprocess with stdin kept open; its output lines collected."""
-
-    def __init__(self, port: int, name: str) -> None:
-        self.proc = subprocess.Popen(client_argv(port, name), stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, cwd=ROOT)
-        self.lines = {"out": [], "err": []}
-        self._lock = threading.Lock()
-        self._readers = [threading.Thread(target=self._collect, args=(key, stream), daemon=True)
-                         for key, stream in (("out", self.proc.stdout),
-                                             ("err", self.proc.stderr))]
-        for reader in self._readers:
-            reader.start()
-
-    def _collect(self, key: str, stream) -> None:
-        for line in stream:
-            with self._lock:
-                self.lines[key].append(line.rstrip("\n"))
-
-    def text(self, key: str = "out") -> str:
-        with self._lock:
-            return "\n".join(self.lines[key])
-
-    def expect(self, pattern: str, key: str = "out", timeout: float = 5.0) -> re.Match:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            match = re.search(pattern, self.text(key), re.MULTILINE)
-            if match:
-                return match
-            time.sleep(0.02)
-        raise AssertionError(f"{pattern!r} not in client std{key}:\n{self.text(key)}\n"
-                             f"stderr:\n{self.text('err')}")
-
-    def type(self, line: str) -> None:
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-
-    def wait(self, timeout: float = 10.0) -> int:
-        """Wait for the exit and for all its output; return the exit code."""
-        code = self.proc.wait(timeout)
-        for reader in self._readers:
-            reader.join(timeout)
-        return code
-
-    def finish(self, timeout: float = 10.0) -> int:
-        """Close stdin (end of input) and return the exit code."""
-        if not self.proc.stdin.closed:
-            self.proc.stdin.close()
-        return self.wait(timeout)
-
-    def close(self) -> None:
-        """Kill if still running; close the pipes once their readers are done."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(5)
-        for reader in self._readers:
-            reader.join(5)
-        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            stream.close()
-
-
-@pytest.fixture
-def piped():
-    """Factory ``piped(port, name) -> PipedClient``; all killed at teardown."""
-    started: list[PipedClient] = []
-
-    def start(port: int, name: str) -> PipedClient:
-        client = PipedClient(port, name)
-        started.append(client)
-        return client
-
-    yield start
-    for client in started:
-        client.close()
 
 
 def messages_from(raw, label: str, count: int, timeout: float = 10.0) -> list[str]:
