@@ -19,7 +19,7 @@ class Client:
     """
 
     __slots__ = (
-        "sock", "fd", "ip", "decoder", "name", "label",
+        "sock", "fd", "peer_ip", "ip", "decoder", "name", "label",
         "pos", "stop_at", "queue", "queued_bytes", "writing",
         "tokens", "token_time", "strikes",
         "connected_at", "last_recv", "pinged", "partial_since",
@@ -29,7 +29,8 @@ class Client:
     def __init__(self, sock: socket.socket, ip: str, now: float, limits: Limits) -> None:
         self.sock = sock
         self.fd = sock.fileno()
-        self.ip = ip  # the peer, or the address a trusted proxy forwarded
+        self.peer_ip = ip  # who is connected
+        self.ip = ip  # who is counted: the peer, or the address a trusted proxy forwarded
         self.decoder = protocol.FrameDecoder(limits.max_frame)
         self.name: str | None = None  # set once in the room
         self.label: str | None = None

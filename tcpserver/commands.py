@@ -30,12 +30,14 @@ def now_ms() -> int:
 class RoomCommands:
     """One ``_on_<type>`` method per client message type."""
 
-
     def _on_hello(self, client: Client, message: dict) -> None:
         if client.name is not None:
             raise protocol.MessageError("already_joined", "you are already in the room")
         name = message["name"]
         protocol.check_name(name)
+        key = name.casefold()
+        if key in self.members:
+            raise protocol.MessageError("name_taken", f"the name {name!r} is taken")
         address = self._client_address(client, message.get("forwarded_for"))
         if address != client.ip:
             self._count_ip(client.ip, -1)
@@ -44,22 +46,17 @@ class RoomCommands:
             if self.per_ip[address] > self.limits.max_per_ip:
                 return self._fail(client, "too_many_connections",
                                   f"too many connections from {address}", "hung_up")
-        key = name.casefold()
-        if key in self.members:
-            raise protocol.MessageError("name_taken", f"the name {name!r} is taken")
         client.name = name
         client.label = f"{name}@{address}"
         self.members[key] = client
         # The welcome and replayed history are queued at the current end of
         # the stream, and the member reads the stream from here: so its own
         # join follows them, and nothing is missed or seen twice.
-        history = list(self.history.after(0)[0])
+        history, _ = self.history.after(0)
         chunks = self._member_chunks()
-        self._queue(client, protocol.encode_frame(
-            {"type": "welcome", "name": name, "label": client.label, "epoch": self.epoch,
-             "last_seq": self.seq,
-             "members": chunks[0], "more": len(chunks) > 1, "history": len(history)},
-            self.limits.max_frame))
+        self._send(client, {"type": "welcome", "name": name, "label": client.label,
+                            "epoch": self.epoch, "last_seq": self.seq, "members": chunks[0],
+                            "more": len(chunks) > 1, "history": len(history)})
         self._queue_member_chunks(client, chunks[1:])
         for frame in history:
             self._queue(client, frame)
@@ -71,9 +68,11 @@ class RoomCommands:
     def _client_address(self, client: Client, forwarded: str | None) -> str:
         if forwarded is None:
             return client.ip
-        peer = ipaddress.ip_address(client.ip)
+        # Trust is decided by who is connected, never by an address claimed
+        # in an earlier hello on this connection.
+        peer = ipaddress.ip_address(client.peer_ip)
         if not any(peer in net for net in self.trusted):
-            log.info("%s: ignored forwarded_for from an untrusted peer", client.ip)
+            log.info("%s: ignored forwarded_for from an untrusted peer", client.peer_ip)
             return client.ip
         try:
             return str(ipaddress.ip_address(forwarded))
@@ -93,9 +92,8 @@ class RoomCommands:
         target = self.members.get(name.casefold())
         if target is None or (message["to"] != name and message["to"] != target.label):
             raise protocol.MessageError("no_such_member", f"no one called {message['to']!r}")
-        frame = protocol.encode_frame(
-            {"type": "private", "from": client.label, "to": target.label,
-             "text": message["text"], "ts": now_ms()}, self.limits.max_frame)
+        frame = self._encode({"type": "private", "from": client.label, "to": target.label,
+                              "text": message["text"], "ts": now_ms()})
         self._queue(target, frame)
         if target is not client:
             self._queue(client, frame)
@@ -108,9 +106,8 @@ class RoomCommands:
     def _on_history(self, client: Client, message: dict) -> None:
         self._require_member(client)
         frames, missed = self.history.after(message["after"])
-        self._queue(client, protocol.encode_frame(
-            {"type": "history", "after": message["after"], "count": len(frames),
-             "missed": missed}))
+        self._send(client, {"type": "history", "after": message["after"],
+                            "count": len(frames), "missed": missed})
         for frame in frames:
             self._queue(client, frame)
 
@@ -118,7 +115,7 @@ class RoomCommands:
         reply = {"type": "pong"}
         if message.get("token") is not None:
             reply["token"] = message["token"]
-        self._queue(client, protocol.encode_frame(reply, self.limits.max_frame))
+        self._send(client, reply)
 
     def _on_quit(self, client: Client, message: dict) -> None:
         self._leave(client, "quit")
@@ -144,8 +141,8 @@ class RoomCommands:
 
     def _queue_member_chunks(self, client: Client, chunks: list[list[str]]) -> None:
         for i, chunk in enumerate(chunks):
-            self._queue(client, protocol.encode_frame(
-                {"type": "members", "members": chunk, "more": i < len(chunks) - 1}))
+            self._send(client, {"type": "members", "members": chunk,
+                                "more": i < len(chunks) - 1})
 
     def _on_pong(self, client: Client, message: dict) -> None:
         """Nothing to answer: receiving it already reset the idle timer."""

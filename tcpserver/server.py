@@ -227,7 +227,7 @@ class ChatServer(RoomCommands):
     def _refuse(self, sock: socket.socket, ip: str, code: str, message: str) -> None:
         log.warning("refused %s: %s", ip, message)
         try:
-            sock.send(protocol.encode_frame({"type": "error", "code": code, "message": message}))
+            sock.send(self._encode({"type": "error", "code": code, "message": message}))
             # Read what the peer already sent: closing with unread input
             # sends a reset, which can destroy the error frame in flight.
             _drain(sock)
@@ -321,19 +321,26 @@ class ChatServer(RoomCommands):
     def _publish(self, event: dict) -> None:
         """Append a room event (its "seq" placeholder filled in) for everyone."""
         event["seq"] = self.seq + 1
-        frame = protocol.encode_frame(event, self.limits.max_frame)
+        frame = self._encode(event)
         self.seq += 1  # only once the frame is known to fit
         self.room.append(frame)
         self.history.append(self.seq, frame)
 
+    def _encode(self, message: dict) -> bytes:
+        """One frame within this server's --max-frame; raises LocalProtocolError."""
+        return protocol.encode_frame(message, self.limits.max_frame)
+
     def _queue(self, client: Client, frame: bytes) -> None:
+        """Queue an encoded frame for one client, after the room bytes so far."""
         client.queue.append((self.room.end, frame))
         client.queued_bytes += len(frame)
         self.dirty.add(client)
 
+    def _send(self, client: Client, message: dict) -> None:
+        self._queue(client, self._encode(message))
+
     def _send_error(self, client: Client, code: str, message: str) -> None:
-        self._queue(client, protocol.encode_frame(
-            {"type": "error", "code": code, "message": message}))
+        self._send(client, {"type": "error", "code": code, "message": message})
 
     def _flush_all(self) -> None:
         """Send pending bytes to every client that has some."""
@@ -510,7 +517,7 @@ class ChatServer(RoomCommands):
                            f"silent for {limits.idle_timeout:g} s", "timed_out")
             elif not client.pinged and now - client.last_recv > limits.idle_timeout / 2:
                 client.pinged = True
-                self._queue(client, protocol.encode_frame({"type": "ping", "token": "idle"}))
+                self._send(client, {"type": "ping", "token": "idle"})
 
     def _begin_shutdown(self) -> None:
         """Stop accepting, tell everyone, and let the loop flush and close."""
@@ -520,8 +527,7 @@ class ChatServer(RoomCommands):
         if not self._accept_paused_until:
             self.selector.unregister(self.listener)
         self.listener.close()
-        frame = protocol.encode_frame({"type": "shutdown",
-                                       "message": "the server is shutting down"})
+        frame = self._encode({"type": "shutdown", "message": "the server is shutting down"})
         # Members get the notice after every room event accepted before it.
         self.room.append(frame)
         for client in list(self.clients.values()):

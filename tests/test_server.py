@@ -343,3 +343,37 @@ def test_second_signal_skips_the_shutdown_grace(start_server, open_client):
         server.proc.wait(1)  # waiting for the lingerer, as it should
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(10) == 0
+
+
+def test_member_lists_use_the_whole_of_a_large_max_frame():
+    # In-process: thousands of long labels without thousands of sockets.
+    from types import SimpleNamespace
+
+    from tcpserver import protocol
+    from tcpserver.client_state import Client
+    from tcpserver.server import ChatServer
+    from tcpserver.settings import Limits
+
+    limits = Limits(max_frame=200_000)
+    room = ChatServer("127.0.0.1", 0, limits)
+    ours, theirs = socket.socketpair()
+    try:
+        labels = [f"{'n' * 27}{i:05d}@2001:db8:ffff:ffff:ffff:ffff:ffff:{i:x}" for i in range(3000)]
+        for label in labels:
+            room.members[label.casefold()] = SimpleNamespace(label=label)
+        asker = Client(ours, "127.0.0.1", 0.0, limits)
+        asker.name = "asker"
+        room._on_who(asker, {"type": "who"})
+        decoder = protocol.FrameDecoder(limits.max_frame)
+        decoder.receive_data(b"".join(frame for _, frame in asker.queue))
+        frames = []
+        while (payload := decoder.next_payload()) is not None:
+            frames.append((len(payload), protocol.parse_server_message(payload)))
+        assert [m["more"] for _, m in frames] == [True] * (len(frames) - 1) + [False]
+        assert [label for _, m in frames for label in m["members"]] == labels
+        assert max(size for size, _ in frames) > protocol.MAX_FRAME_SIZE
+    finally:
+        ours.close()
+        theirs.close()
+        room.selector.close()
+        room.listener.close()
