@@ -164,13 +164,16 @@ class ChatServer(RoomCommands):
                     if mask & selectors.EVENT_WRITE and not tag.closed:
                         self._flush(tag)
                 except Exception:
-                    # A bug met by one client must not stop the room.
-                    log.exception("%s: internal error; dropping the client", tag)
-                    self._drop(tag, "hung_up")
+                    self._internal_error(tag)
         self._flush_all()
         if self.now >= self._next_tick:
             self._next_tick = self.now + TICK
             self._check_timers()
+
+    def _internal_error(self, client: Client) -> None:
+        # A bug met by one client must not stop the room: drop that client.
+        log.exception("%s: internal error; dropping the client", client)
+        self._drop(client, "hung_up")
 
     def _select_timeout(self) -> float | None:
         if self._stop_requested and not self.stopping:
@@ -355,12 +358,15 @@ class ChatServer(RoomCommands):
         for client in targets:
             if client.closed:
                 continue
-            if client.writing:
-                # Blocked on a full kernel buffer: EVENT_WRITE will tell us.
-                # Only check the backlog, so a stalled reader is evicted.
-                self._check_backlog(client)
-            else:
-                self._flush(client)
+            try:
+                if client.writing:
+                    # Blocked on a full kernel buffer: EVENT_WRITE will tell
+                    # us.  Only check the backlog, so a stalled reader is evicted.
+                    self._check_backlog(client)
+                else:
+                    self._flush(client)
+            except Exception:
+                self._internal_error(client)
         if self.streaming:
             self.room.trim(min(c.pos for c in self.streaming))
         else:
