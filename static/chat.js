@@ -498,14 +498,23 @@
       }
       state.lastRecv = Date.now();
       state.pingSentAt = 0;
-      var msg;
-      try {
-        msg = JSON.parse(event.data);
-      } catch (err) {
-        return;
-      }
-      if (msg && typeof msg === "object" && typeof msg.type === "string") {
-        handle(msg);
+      // The gateway may batch several server payloads into one message,
+      // separated by "\n" (JSON payloads never hold a raw newline).
+      var parts = String(event.data).split("\n");
+      for (var i = 0; i < parts.length; i++) {
+        // A handler may close or replace this socket mid-batch.
+        if (state.ws !== ws) {
+          return;
+        }
+        var msg;
+        try {
+          msg = JSON.parse(parts[i]);
+        } catch (err) {
+          continue;
+        }
+        if (msg && typeof msg === "object" && typeof msg.type === "string") {
+          handle(msg);
+        }
       }
     };
     ws.onclose = function (event) {

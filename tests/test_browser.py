@@ -79,7 +79,9 @@ class Pages:
         ws.on("framesent", lambda payload: sent.append(json.loads(payload)))
         received: list[dict] = []
         self.received.append(received)
-        ws.on("framereceived", lambda payload: received.append(json.loads(payload)))
+        # One frame may batch several payloads, one per line.
+        ws.on("framereceived", lambda payload: received.extend(
+            json.loads(line) for line in payload.split("\n")))
 
     def close(self) -> None:
         for context in self.contexts:
