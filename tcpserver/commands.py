@@ -105,6 +105,8 @@ class RoomCommands:
 
     def _on_history(self, client: Client, message: dict) -> None:
         self._require_member(client)
+        if message.get("after") is None:
+            raise protocol.MessageError("bad_message", "history: give 'after'")
         frames, missed = self.history.after(message["after"])
         self._send(client, {"type": "history", "after": message["after"],
                             "count": len(frames), "missed": missed})

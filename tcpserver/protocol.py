@@ -14,9 +14,11 @@ select() server, the terminal client and the web gateway all use it:
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
 import struct
+import unicodedata
 from typing import Any
 
 # 64 KiB holds a chat message hundreds of times longer than anyone types,
@@ -42,6 +44,7 @@ LEAVE_REASONS = (
     "flooding",  # kept sending past the rate limit
     "protocol_error",  # sent bytes that are not frames
     "shutdown",  # the server is shutting down
+    "replaced",  # the same member reconnected with its resume token
 )
 
 # Machine-readable error codes sent in ``error`` frames.
@@ -60,6 +63,8 @@ ERROR_CODES = (
     "frame_timeout",
     "server_full",
     "too_many_connections",
+    "unknown_seq",  # history asked about a seq this room never issued
+    "room_unavailable",  # the event could not be stored; it was not published
 )
 
 # After these errors the server closes the connection; after the others the
@@ -182,15 +187,18 @@ Schema = dict[str, dict[str, tuple[type, bool]]]
 _OPT_STR = (str, False)
 _STR = (str, True)
 _INT = (int, True)
+_OPT_INT = (int, False)
+_OPT_BOOL = (bool, False)
 _LIST = (list, True)
 _BOOL = (bool, True)
 
 CLIENT_MESSAGES: Schema = {
-    "hello": {"name": _STR, "forwarded_for": _OPT_STR},
+    "hello": {"name": _STR, "forwarded_for": _OPT_STR, "resume": _OPT_STR},
     "say": {"text": _STR},
     "private": {"to": _STR, "text": _STR},
-    "who": {},
-    "history": {"after": _INT},
+    "who": {"limit": _OPT_INT, "cursor": _OPT_STR, "prefix": _OPT_STR},
+    # Exactly one of after and before: checked by the room, not the schema.
+    "history": {"after": _OPT_INT, "before": _OPT_INT, "limit": _OPT_INT},
     "ping": {"token": _OPT_STR},
     "pong": {"token": _OPT_STR},
     "quit": {},
@@ -205,17 +213,22 @@ SERVER_MESSAGES: Schema = {
         "members": _LIST,
         "more": _BOOL,
         "history": _INT,
+        "resume": _OPT_STR,
+        "count": _OPT_INT,
+        "large": _OPT_BOOL,
     },
-    "members": {"members": _LIST, "more": _BOOL},
+    "members": {"members": _LIST, "more": _BOOL, "cursor": _OPT_STR, "count": _OPT_INT},
+    "presence": {"count": _INT},
     "message": {"seq": _INT, "from": _STR, "text": _STR, "ts": _INT},
     "join": {"seq": _INT, "member": _STR, "ts": _INT},
     "leave": {"seq": _INT, "member": _STR, "reason": _STR, "ts": _INT},
     "private": {"from": _STR, "to": _STR, "text": _STR, "ts": _INT},
-    "history": {"after": _INT, "count": _INT, "missed": _INT},
+    "history": {"after": _OPT_INT, "before": _OPT_INT, "count": _INT, "missed": _OPT_INT,
+                "more": _OPT_BOOL},
     "error": {"code": _STR, "message": _STR},
     "shutdown": {"message": _STR},
     "ping": {"token": _OPT_STR},
-    "pong": {"token": _OPT_STR},
+    "pong": {"token": _OPT_STR, "degraded": _OPT_STR},
 }
 
 # C0 controls other than tab and newline, DEL, and C1 controls could rewrite
@@ -293,10 +306,41 @@ def check_name(name: str) -> None:
         raise MessageError("name_invalid", f"the name {name!r} is reserved")
 
 
+# Default_Ignorable_Code_Point (Unicode DerivedCoreProperties.txt) as
+# (first, last) ranges, plus blank fillers that render as nothing but are
+# letters or symbols: U+2800 BRAILLE PATTERN BLANK (the Hangul fillers are
+# already default-ignorable).  unicodedata has no accessor for the property.
+_INVISIBLE_RANGES = (
+    (0x00AD, 0x00AD), (0x034F, 0x034F), (0x061C, 0x061C), (0x115F, 0x1160),
+    (0x17B4, 0x17B5), (0x180B, 0x180F), (0x200B, 0x200F), (0x202A, 0x202E),
+    (0x2060, 0x206F), (0x2800, 0x2800), (0x3164, 0x3164), (0xFE00, 0xFE0F),
+    (0xFEFF, 0xFEFF), (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8), (0x1BCA0, 0x1BCA3),
+    (0x1D173, 0x1D17A), (0xE0000, 0xE0FFF),
+)
+_INVISIBLE_STARTS = [first for first, _ in _INVISIBLE_RANGES]
+
+
+def is_visible(char: str) -> bool:
+    """Whether one character leaves a mark on screen.
+
+    Invisible: White_Space, format characters (general category Cf),
+    Default_Ignorable_Code_Point (Unicode DerivedCoreProperties.txt) and
+    blank fillers such as U+2800.  The page applies the same rule.
+    """
+    if char.isspace() or unicodedata.category(char) == "Cf":
+        return False
+    code = ord(char)
+    i = bisect.bisect_right(_INVISIBLE_STARTS, code) - 1
+    return i < 0 or code > _INVISIBLE_RANGES[i][1]
+
+
 def check_text(text: str) -> None:
-    """Raise MessageError('bad_message') unless ``text`` may be sent."""
-    if not text.strip():
+    """Raise MessageError('bad_message') unless ``text`` may be sent: 1 to
+    MAX_TEXT_CHARS characters, at least one of them visible (``is_visible``)."""
+    if not text:
         raise MessageError("bad_message", "message text is empty")
+    if not any(map(is_visible, text)):
+        raise MessageError("bad_message", "text has nothing visible")
     if len(text) > MAX_TEXT_CHARS:
         raise MessageError(
             "bad_message", f"message text is over {MAX_TEXT_CHARS} characters"

@@ -92,6 +92,25 @@ def test_bad_payload_is_skipped_and_the_sender_stays(room, open_client, payload,
     chat_survives(alice, bob, "after")
 
 
+# Each is made only of characters that leave no mark: format characters,
+# default-ignorable code points, blank fillers, and mixes with spaces.
+INVISIBLE_TEXTS = ["\u200b", "\u200c", "\u200d", "\u2060", "\ufeff", "\u3164", "\u2800",
+                   "\u00ad", " \u200b \u2800\u3164 ", "\ufe0f\u034f", "\U000e0041\u202e"]
+
+
+@pytest.mark.parametrize("text", INVISIBLE_TEXTS)
+@pytest.mark.parametrize("kind", ["say", "private"])
+def test_text_with_nothing_visible_is_refused(room, text, kind):
+    server, alice, bob = room
+    message = {"type": kind, "text": text}
+    if kind == "private":
+        message["to"] = "bob"
+    alice.send(message)
+    error = alice.recv_type("error")
+    assert (error["code"], error["message"]) == ("bad_message", "text has nothing visible")
+    chat_survives(alice, bob, "after")  # and nothing was published before it
+
+
 def test_text_over_the_limit(room, open_client):
     server, alice, bob = room
     alice.send({"type": "say", "text": "x" * (protocol.MAX_TEXT_CHARS + 1)})
