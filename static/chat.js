@@ -22,6 +22,13 @@
   // Oldest transcript entries are dropped past this many.
   var MAX_TRANSCRIPT = 2000;
   var NAME_RE = /^[A-Za-z0-9._-]{1,32}$/;
+  // The server's rule for message text (check_text in tcpserver/protocol.py):
+  // refused when every character is White_Space, a format character (Cf), a
+  // Default_Ignorable_Code_Point, or a filler that draws as blank (Braille
+  // blank, the Hangul fillers).  By Unicode property, not a list of known
+  // offenders, so U+200B, U+2060, U+FEFF, U+00AD and the like all count.
+  var NOTHING_VISIBLE_RE =
+    /^[\p{White_Space}\p{Cf}\p{Default_Ignorable_Code_Point}\u2800\u3164\uFFA0\u115F\u1160]*$/u;
 
   var LEAVE_REASONS = {
     quit: "left",
@@ -37,6 +44,7 @@
     name_taken: "That name is taken. Try another.",
     name_invalid: "Use 1\u201332 letters, digits, -, _ or . (not \u201cserver\u201d).",
     no_such_member: "No one by that name is here.",
+    nothing_visible: "Nothing visible to send: add some text.",
     rate_limited: "You are sending too fast; that message was dropped.",
     flooding: "Disconnected for sending too fast.",
     bad_message: "The server could not accept that message.",
@@ -756,14 +764,24 @@
     }
   }
 
+  function hasVisible(text) {
+    return !NOTHING_VISIBLE_RE.test(text);
+  }
+
   function onComposeSubmit(event) {
     event.preventDefault();
     var text = el.composeText.value;
-    if (!text.trim()) {
-      return;
+    if (text === "") {
+      return;  // Enter on an empty box is not worth a scolding
     }
     var message = parseCommand(text);
     if (message === null) {
+      return;
+    }
+    if (typeof message.text === "string" && !hasVisible(message.text)) {
+      // The box keeps the text, so the user sees what was refused.
+      setComposeError(ERROR_TEXT.nothing_visible);
+      el.composeText.focus();
       return;
     }
     if (message.type === "quit") {
@@ -780,13 +798,15 @@
 
   // Slash commands; anything else goes to the chosen recipient.
   function parseCommand(text) {
-    var match = /^\/(\w+)(?:\s+([\s\S]*))?$/.exec(text.trim());
+    // Only the start is trimmed: "/msg bob \ufeff" must reach the
+    // nothing-visible rule, not lose its body to trim().
+    var match = /^\/(\w+)(?:\s+([\s\S]*))?$/.exec(text.replace(/^\s+/, ""));
     if (match) {
       var command = match[1].toLowerCase();
       var rest = match[2] || "";
       if (command === "msg" || command === "w") {
         var parts = /^(\S+)\s+([\s\S]+)$/.exec(rest);
-        if (!parts || !parts[2].trim()) {
+        if (!parts) {
           setComposeError("Usage: /msg name text");
           return null;
         }

@@ -234,6 +234,48 @@ def test_markup_in_a_message_is_shown_as_text(server, gateway, pages, connect):
     assert pages.dialogs == []
 
 
+# Each has nothing visible: whitespace, format characters (Cf),
+# default-ignorable code points and blank fillers, alone and mixed.
+INVISIBLE_TEXTS = [
+    "\u200b", "\u200c", "\u200d", "\u2060", "\ufeff", "\u3164", "\u2800", "\u00ad",
+    "\uffa0", "\u115f\u1160", "\u180e", "\u034f", "\U000e0020", "\u202e\u2066",
+    "  \u200b \u3000\u2800 ", "\u00a0\u200d\t",
+]
+
+
+def test_a_message_with_nothing_visible_is_refused_before_sending(server, gateway, pages,
+                                                                   connect):
+    expect = expect_()
+    alice = pages.open(gateway.url)
+    join(alice, "alice")
+    bob = connect("bob")
+    expect(alice.locator("#member-list .member-name")).to_have_text(["alice", "bob"])
+    box = alice.locator("#compose-text")
+    error = alice.locator("#compose-error")
+    for text in INVISIBLE_TEXTS:
+        for typed in (text, "/msg bob " + text):
+            box.fill(typed)
+            box.press("Enter")
+            expect(error).to_have_text("Nothing visible to send: add some text.")
+            expect(box).to_have_value(typed)  # kept, to be fixed or cleared
+            alice.evaluate("document.getElementById('compose-error').textContent = ''")
+    # A private message to a chosen member follows the same rule.
+    alice.locator("#member-list button.member-body", has_text="bob").click()
+    box.fill("\u200b\u200b")
+    box.press("Enter")
+    expect(error).to_have_text("Nothing visible to send: add some text.")
+    alice.select_option("#compose-to", "")
+
+    # Visible text that carries invisible characters inside it still goes.
+    joined = "\U0001f469\u200d\U0001f4bb ok\u00ad"
+    say(alice, joined)
+    expect(error).to_have_text("")
+    expect(message_entry(alice, "alice", joined)).to_have_count(1)
+    assert bob.recv_type("message")["text"] == joined
+    assert [m["type"] for m in pages.sent[0]] == ["hello", "say"]
+    assert pages.problems == []
+
+
 def test_member_list_follows_joins_and_leaves(server, gateway, pages, connect):
     expect = expect_()
     alice = pages.open(gateway.url)
