@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from yarl import URL
 
-from tcpserver import protocol
+from tcpserver import cli, protocol
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -78,18 +78,18 @@ def normalize_origin(origin: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = cli.Parser(
         prog="python -m gateway",
         description="Web gateway: serves the chat page and relays WebSockets "
         "to the chat server over TCP.",
     )
-    parser.add_argument("--http-port", type=int, default=8080,
+    parser.add_argument("--http-port", type=cli.port, default=8080,
                         help="HTTP port to serve on (default 8080; 0 picks a free one)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to serve on (default 127.0.0.1)")
     parser.add_argument("--chat-host", default="127.0.0.1",
                         help="chat server address (default 127.0.0.1)")
-    parser.add_argument("--chat-port", type=int, default=10000,
+    parser.add_argument("--chat-port", type=cli.port, default=10000,
                         help="chat server port (default 10000)")
     parser.add_argument("--trusted-proxy", action="append", default=[], metavar="CIDR",
                         help="reverse proxy whose X-Forwarded-For is believed; "

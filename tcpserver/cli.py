@@ -1,62 +1,91 @@
-"""The ``chatroom`` command, in the book's style.
+"""``python -m tcpserver``: the chat server or a terminal client, in the book's style.
 
-* ``chatroom --name=server --port=N`` runs the chat server;
-* ``chatroom --name=bob --port=N`` runs a terminal client named bob;
-* ``chatroom`` alone runs the chat server and the web gateway together.
+* ``--name=server --port=N`` runs the chat server;
+* ``--name=bob --port=N`` runs a terminal client named bob.
+
+The ``chatroom`` command (``gateway.cli``) accepts the same two forms and
+adds a third, no ``--name``, which runs the server with the web gateway.
+This package never imports ``gateway``: the layers only look down.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
+from typing import NoReturn
 
-from tcpserver import server, settings
+from tcpserver import settings
 
 DEFAULT_PORT = 10000
-DEFAULT_HTTP_PORT = 8080
+MAX_PORT = 65535
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="chatroom",
-        description="A chat room: --name=server runs the server, --name=NAME "
-        "joins as NAME from this terminal, no --name runs server and web "
-        "gateway together.",
-    )
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (``PROG: error: WHY
+    (see --help)``), not the usage block first; the exit status stays 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def port(text: str) -> int:
+    """argparse type for a TCP port: an int in 0..65535 (0: pick a free one).
+
+    Raises argparse.ArgumentTypeError otherwise, so a bad value is a usage
+    error (exit 2), never an OverflowError from the socket layer.
+    """
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= MAX_PORT:
+        raise argparse.ArgumentTypeError(f"port {value} is out of range 0-{MAX_PORT}")
+    return value
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """--name, --port, --host, --log-level and the server's options."""
     parser.add_argument("--name", help="'server', or your name to join as a client")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+    parser.add_argument("--port", type=port, default=DEFAULT_PORT,
                         help=f"chat server TCP port (default {DEFAULT_PORT}; 0 picks a free one)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind, or server to connect to (default 127.0.0.1)")
-    parser.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT,
-                        help="web gateway port when run without --name "
-                        f"(default {DEFAULT_HTTP_PORT})")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
-    settings.add_arguments(parser.add_argument_group("server limits"))
+    settings.add_arguments(parser.add_argument_group("server options"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="python -m tcpserver",
+        description="A chat room: --name=server runs the server, --name=NAME "
+        "joins as NAME from this terminal.  (`chatroom` with no --name runs "
+        "the server and the web gateway together.)",
+    )
+    add_common_arguments(parser)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """Run the server (``--name=server``) or a client; return the exit code.
+
+    ``args`` comes from a parser built with ``add_common_arguments``;
+    ``args.name`` must not be None.
+    """
     if args.name == "server":
+        from tcpserver import server
+
         return server.main(args)
-    if args.name is not None:
-        from tcpserver import client
+    from tcpserver import client
 
-        return client.run(args.name, args.host, args.port)
-    # No name: the newcomer's one command, server plus web gateway.
-    from gateway import launcher
+    return client.run(args.name, args.host, args.port)
 
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
-    return launcher.run(
-        host=args.host,
-        chat_port=args.port,
-        http_port=args.http_port,
-        server_args=settings.arguments_to_argv(args),
-        log_level=args.log_level,
-    )
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tcpserver``: parse, run, return the exit code (2 for usage errors)."""
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.name is None:
+        parser.error("--name is required (server, or your name); run `chatroom` "
+                     "with no --name for the server and the web gateway together")
+    return run(args)

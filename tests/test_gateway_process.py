@@ -103,7 +103,7 @@ def test_gateway_command_rejects_bad_options(program):
 # --- chatroom: server and gateway together ------------------------------------
 
 def test_chatroom_bare_command_runs_both_and_sigterm_stops_both(program):
-    room = program("-m", "tcpserver", "--port=0", "--http-port=0")
+    room = program("-m", "gateway.cli", "--port=0", "--http-port=0")
     chat_port = int(room.wait_log(LISTENING).group(2))
     host, http_port = room.wait_log(SERVING).groups()
     assert re.search(rf"open http://{re.escape(host)}:{http_port}/ in a browser", room.log_text())
@@ -121,7 +121,7 @@ def test_chatroom_bare_command_runs_both_and_sigterm_stops_both(program):
 
 def test_chatroom_ctrl_c_stops_both(program):
     # A terminal's Ctrl-C reaches the whole process group: launcher and server.
-    room = program("-m", "tcpserver", "--port=0", "--http-port=0", start_new_session=True)
+    room = program("-m", "gateway.cli", "--port=0", "--http-port=0", start_new_session=True)
     chat_port = int(room.wait_log(LISTENING).group(2))
     room.wait_log(SERVING)
     os.killpg(room.proc.pid, signal.SIGINT)
@@ -131,7 +131,7 @@ def test_chatroom_ctrl_c_stops_both(program):
 
 
 def test_chatroom_killed_outright_takes_its_server_with_it(program):
-    room = program("-m", "tcpserver", "--port=0", "--http-port=0")
+    room = program("-m", "gateway.cli", "--port=0", "--http-port=0")
     chat_port = int(room.wait_log(LISTENING).group(2))
     room.wait_log(SERVING)
     assert not refused(chat_port)
@@ -144,7 +144,7 @@ def test_chatroom_killed_outright_takes_its_server_with_it(program):
 
 
 def test_chatroom_passes_server_options_through(program):
-    room = program("-m", "tcpserver", "--port=0", "--http-port=0", "--max-frame=2000",
+    room = program("-m", "gateway.cli", "--port=0", "--http-port=0", "--max-frame=2000",
                    "--log-level=debug")
     room.wait_log(SERVING)
     assert "--max-frame=2000" not in room.log_text()  # not an error about the option
@@ -163,14 +163,14 @@ def test_chatroom_passes_server_options_through(program):
 
 
 def test_chatroom_busy_chat_port(program, busy_port):
-    room = program("-m", "tcpserver", f"--port={busy_port}", "--http-port=0")
+    room = program("-m", "gateway.cli", f"--port={busy_port}", "--http-port=0")
     assert room.proc.wait(15) != 0
     assert f"chat port {busy_port} is busy" in room.log_text()
     assert "serving on" not in room.log_text() and "Traceback" not in room.log_text()
 
 
 def test_chatroom_busy_http_port_stops_the_server(program, busy_port):
-    room = program("-m", "tcpserver", "--port=0", f"--http-port={busy_port}")
+    room = program("-m", "gateway.cli", "--port=0", f"--http-port={busy_port}")
     assert room.proc.wait(15) != 0
     chat_port = int(room.wait_log(LISTENING).group(2))
     assert f"HTTP port {busy_port} is busy" in room.log_text()

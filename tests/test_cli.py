@@ -1,0 +1,117 @@
+"""The command lines: port checks for every command, and the layering rule
+(tcpserver never imports gateway; ``chatroom`` lives in gateway.cli)."""
+
+import argparse
+import ast
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import LISTENING, ROOT, Program
+
+from tcpserver import cli
+
+CHATROOM = ("-m", "gateway.cli")
+TCPSERVER = ("-m", "tcpserver")
+GATEWAY = ("-m", "gateway")
+
+
+@pytest.mark.parametrize("text, value", [("0", 0), ("1", 1), ("10000", 10000),
+                                         ("65535", 65535)])
+def test_port_type_accepts_the_port_range(text, value):
+    assert cli.port(text) == value
+
+
+@pytest.mark.parametrize("text", ["65536", "99999", "-1", "", "ten", "1.5",
+                                  "9" * 40])
+def test_port_type_refuses_anything_else(text):
+    with pytest.raises(argparse.ArgumentTypeError):
+        cli.port(text)
+
+
+BAD_PORTS = [
+    (CHATROOM, "--name=zed", "--port=99999"),
+    (CHATROOM, "--name=zed", "--port=-1"),
+    (CHATROOM, "--name=server", "--port=99999"),
+    (CHATROOM, "--name=server", "--port=-1"),
+    (CHATROOM, "--port=99999"),
+    (CHATROOM, "--port=-1"),
+    (CHATROOM, "--http-port=99999"),
+    (CHATROOM, "--http-port=-1"),
+    (CHATROOM, "--name=server", "--port", "65536"),
+    (TCPSERVER, "--name=server", "--port=99999"),
+    (TCPSERVER, "--name=bob", "--port=-1"),
+    (GATEWAY, "--http-port=99999"),
+    (GATEWAY, "--http-port=-1"),
+    (GATEWAY, "--chat-port=99999"),
+    (GATEWAY, "--chat-port=-1"),
+]
+
+
+@pytest.mark.parametrize("command", BAD_PORTS, ids=lambda c: " ".join(c[0][1:] + c[1:]))
+def test_out_of_range_port_is_one_line_and_exit_2(command):
+    module, *options = command
+    result = subprocess.run([sys.executable, *module, *options], capture_output=True,
+                            text=True, timeout=30, cwd=ROOT, stdin=subprocess.DEVNULL)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    option = next(o for o in options if o.startswith("--") and "port" in o).split("=")[0]
+    assert f"argument {option}:" in lines[0] and "out of range 0-65535" in lines[0]
+    assert result.stdout == ""
+
+
+def test_tcpserver_without_name_says_what_to_run():
+    result = subprocess.run([sys.executable, *TCPSERVER, "--port=0"], capture_output=True,
+                            text=True, timeout=30, cwd=ROOT, stdin=subprocess.DEVNULL)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "--name is required" in result.stderr
+    assert "chatroom" in result.stderr
+
+
+# --- layering ----------------------------------------------------------------
+
+def _imports(path) -> set[str]:
+    """Top-level package names that ``path`` imports, anywhere in its body."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "import_module"
+              and node.args and isinstance(node.args[0], ast.Constant)):
+            names.add(str(node.args[0].value).split(".")[0])
+    return names
+
+
+def test_no_tcpserver_module_imports_gateway():
+    modules = sorted((ROOT / "tcpserver").glob("*.py"))
+    assert len(modules) > 5
+    offenders = [p.name for p in modules if "gateway" in _imports(p)]
+    assert offenders == []
+
+
+def test_chatroom_script_is_the_gateway_dispatcher():
+    # (tomllib is 3.11+; the project supports 3.10)
+    text = (ROOT / "pyproject.toml").read_text()
+    scripts = text.split("[project.scripts]", 1)[1].split("\n[", 1)[0]
+    assert re.findall(r'^chatroom\s*=\s*"([^"]+)"', scripts, re.M) == ["gateway.cli:main"]
+
+
+def test_tcpserver_runs_the_server_without_gateway(tmp_path):
+    # gateway made unimportable: `python -m tcpserver --name=server` must not care.
+    probe = (
+        "import runpy, sys\n"
+        "sys.modules['gateway'] = None\n"
+        "sys.argv = ['tcpserver', '--name=server', '--port=0', '--shutdown-grace=0.1']\n"
+        "runpy.run_module('tcpserver', run_name='__main__')\n"
+    )
+    server = Program(tmp_path, "-c", probe)
+    try:
+        server.wait_log(LISTENING, timeout=15)
+        assert server.terminate() == 0, server.log_text()
+    finally:
+        server.kill()
+    assert "Traceback" not in server.log_text()
