@@ -9,15 +9,22 @@ Refused before the upgrade, so no WebSocket is ever opened for them:
 
 Close codes the browser can see once connected:
 
-* 1000 the chat server closed the connection; the reason is its last
-  ``shutdown`` or ``error`` text, and every frame it sent comes first.
+* 1012 the chat server closed after a ``shutdown`` notice (an orderly
+  close: "service restart"); its text is the reason.
+* 1011 the chat server connection ended without a notice (crash, kill -9,
+  reset), could not be made, or carried a bad frame.
+* 1008 the chat server closed us with a closing ``error`` about our conduct
+  (``idle_timeout``, ``flooding``, ...), or no ``hello`` within the hello
+  timeout.
+* 1013 the chat server closed us with ``server_full`` or
+  ``too_many_connections``; or the browser fell ``queue_size`` messages
+  behind.  Rather than drop messages silently the session ends; "try again
+  later" tells the page to reconnect and fill its gap with ``history``.
 * 1001 the gateway is shutting down.
-* 1008 no ``hello`` within the hello timeout.
 * 1009 a message over the frame limit (aiohttp closes before we see it).
-* 1011 the chat server cannot be reached.
-* 1013 the browser fell ``queue_size`` messages behind.  Rather than drop
-  messages silently the session ends; "try again later" tells the page to
-  reconnect and fill its gap with a ``history`` request.
+
+Whenever the chat server closes, every frame it sent comes before the close.
+1000 is not used for server closes.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ gateway in this one, started and stopped together.
 Start-up order: the server first (its ``listening on HOST:PORT`` line gives
 the real port, so ``--port 0`` works), then the gateway pointed at it.
 Ctrl-C or SIGTERM forwards SIGTERM to the server, so browsers receive its
-``shutdown`` notice and a 1000 close, then stops the gateway; exit 0.
+``shutdown`` notice and a 1012 close, then stops the gateway; exit 0.
 """
 
 from __future__ import annotations

@@ -45,15 +45,28 @@ def browser_frame(text: str, address: str | None, max_frame: int) -> tuple[str, 
     return kind, protocol.encode_frame(message, max_frame)
 
 
-DEFAULT_CLOSE_REASON = "the chat server closed the connection"
+# WebSocket close codes (RFC 6455 section 7.4.1 and the IANA registry) for a
+# chat-server connection that ended: the page tells an orderly close from a
+# lost server by the code alone.
+SERVICE_RESTART = 1012  # the server said `shutdown` first: it will be back
+LOST_SERVER = 1011  # it went away without a word: crash, kill -9, reset
+POLICY_VIOLATION = 1008  # it closed us for our conduct (idle, flooding, ...)
+TRY_AGAIN_LATER = 1013  # it is full, or our address holds too many seats
+
+LOST_REASON = "lost the chat server: the connection dropped without notice"
+
+# Closing errors that are about the server's capacity, not the client's conduct.
+_CAPACITY_ERRORS = frozenset({"server_full", "too_many_connections"})
 
 
-def farewell(payload: bytes) -> str | None:
-    """If ``payload`` announces the server is closing on us, return its text.
+def farewell(payload: bytes) -> tuple[int, str] | None:
+    """If ``payload`` announces the server is closing on us, return the
+    WebSocket close (code, reason) it calls for.
 
-    That is a ``shutdown``, or an ``error`` with a code in
-    ``protocol.CLOSING_ERRORS``; the others leave the connection open.
-    Payloads that cannot be one are skipped without parsing.  Never raises.
+    A ``shutdown`` gives (1012, its text); an ``error`` with a code in
+    ``protocol.CLOSING_ERRORS`` gives (1013, text) for server_full and
+    too_many_connections, else (1008, text).  Other payloads give None, and
+    those that cannot be one are skipped without parsing.  Never raises.
     """
     if b'"shutdown"' not in payload and b'"error"' not in payload:
         return None
@@ -61,7 +74,9 @@ def farewell(payload: bytes) -> str | None:
         message = protocol.parse_server_message(payload)
     except protocol.ProtocolError:
         return None
-    if message["type"] == "shutdown" or (
-            message["type"] == "error" and message["code"] in protocol.CLOSING_ERRORS):
-        return message["message"]
+    if message["type"] == "shutdown":
+        return SERVICE_RESTART, message["message"]
+    if message["type"] == "error" and message["code"] in protocol.CLOSING_ERRORS:
+        code = TRY_AGAIN_LATER if message["code"] in _CAPACITY_ERRORS else POLICY_VIOLATION
+        return code, message["message"]
     return None

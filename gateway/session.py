@@ -17,7 +17,8 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from gateway.config import GatewayConfig
 from gateway.messages import (
-    DEFAULT_CLOSE_REASON,
+    LOST_REASON,
+    LOST_SERVER,
     browser_frame,
     close_reason,
     error_text,
@@ -211,15 +212,16 @@ class Session:
 
     async def _receive_from_server(self, reader: asyncio.StreamReader) -> None:
         decoder = protocol.FrameDecoder(self.config.max_frame)
-        reason = DEFAULT_CLOSE_REASON
-        code = WSCloseCode.OK
+        # Without a farewell first, the end of the stream means the server
+        # was lost (crashed, killed, reset), not that it closed in order.
+        code, reason = LOST_SERVER, LOST_REASON
         try:
             while data := await reader.read(RECV_SIZE):
                 decoder.receive_data(data)
                 while (payload := decoder.next_payload()) is not None:
                     # The frames after a farewell (our own leave) are
                     # still relayed; the farewell names the close.
-                    reason = farewell(payload) or reason
+                    code, reason = farewell(payload) or (code, reason)
                     try:
                         text = payload.decode("utf-8")
                     except UnicodeDecodeError:
@@ -237,7 +239,8 @@ class Session:
             reason = "the chat server sent a bad frame"
             code = WSCloseCode.INTERNAL_ERROR
         except ConnectionError as exc:
-            reason = f"lost the chat server ({exc.strerror or exc})"
+            if code == LOST_SERVER:
+                reason = f"lost the chat server: {exc.strerror or exc}"
         # Blocks only while the browser drains the queue: the close must
         # come after every frame already queued.
         await self.queue.put(_Close(code, reason, "server_closed"))

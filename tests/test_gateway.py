@@ -8,6 +8,7 @@ import asyncio
 import ipaddress
 import json
 import socket
+import struct
 
 import aiohttp
 import pytest
@@ -218,7 +219,7 @@ async def test_unreachable_chat_server_closes_1011(gateway_client):
     assert metric(app, "gateway_session_closes_total", reason="unreachable") == 1
 
 
-async def test_server_shutdown_is_delivered_then_closes_1000(gateway_client, server, member):
+async def test_server_shutdown_is_delivered_then_closes_1012(gateway_client, server, member):
     client = await gateway_client(server.port)
     app = client.server.app
     async with client.ws_connect("/ws") as ws:
@@ -240,8 +241,9 @@ async def test_server_shutdown_is_delivered_then_closes_1000(gateway_client, ser
                 texts.append(last["text"])
         assert texts == [f"m{i}" for i in range(20)]
         assert last == {"type": "shutdown", "message": "the server is shutting down"}
+        # 1012 "service restart": an orderly close, the page may say so.
         assert (msg.type, msg.data, msg.extra) == \
-            (WSMsgType.CLOSE, aiohttp.WSCloseCode.OK, "the server is shutting down")
+            (WSMsgType.CLOSE, aiohttp.WSCloseCode.SERVICE_RESTART, "the server is shutting down")
         assert await stopped == 0
     assert metric(app, "gateway_session_closes_total", reason="server_closed") == 1
 
@@ -257,7 +259,50 @@ async def test_server_error_becomes_the_close_reason(gateway_client, start_serve
         assert error["code"] == "idle_timeout"
         msg = await recv_close(ws)
         assert (msg.type, msg.data, msg.extra) == \
-            (WSMsgType.CLOSE, aiohttp.WSCloseCode.OK, error["message"])
+            (WSMsgType.CLOSE, aiohttp.WSCloseCode.POLICY_VIOLATION, error["message"])
+
+
+async def test_a_killed_chat_server_closes_1011_not_like_a_shutdown(gateway_client, server,
+                                                                    member):
+    client = await gateway_client(server.port)
+    app = client.server.app
+    async with client.ws_connect("/ws") as ws:
+        await join(ws, "web")
+        await in_thread(member.send, {"type": "say", "text": "last words"})
+        await recv_until(ws, lambda m: m["type"] == "message")
+        server.kill()  # SIGKILL: no shutdown notice, the kernel closes the socket
+        seen = []
+        while True:
+            msg = await ws.receive(timeout=10)
+            if msg.type is not WSMsgType.TEXT:
+                break
+            seen.append(json.loads(msg.data))
+        assert [m for m in seen if m["type"] == "shutdown"] == []
+        assert (msg.type, msg.data) == (WSMsgType.CLOSE, aiohttp.WSCloseCode.INTERNAL_ERROR)
+        assert msg.extra.startswith("lost the chat server")
+    assert metric(app, "gateway_session_closes_total", reason="server_closed") == 1
+
+
+async def test_a_reset_chat_connection_closes_1011(gateway_client):
+    """A server that answers, then resets the connection (SO_LINGER 0)."""
+
+    async def handle(reader, writer):
+        await reader.read(100)  # the hello
+        writer.write(protocol.encode_frame({"type": "ping", "token": "t"}))
+        await writer.drain()
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    fake = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with fake:
+        client = await gateway_client(fake.sockets[0].getsockname()[1])
+        async with client.ws_connect("/ws") as ws:
+            await ws.send_json({"type": "hello", "name": "web"})
+            assert (await recv_json(ws))["type"] == "ping"
+            msg = await recv_close(ws)
+            assert (msg.type, msg.data) == (WSMsgType.CLOSE, aiohttp.WSCloseCode.INTERNAL_ERROR)
+            assert msg.extra.startswith("lost the chat server")
 
 
 async def test_gateway_shutdown_closes_1001(gateway_client, server, member):

@@ -153,9 +153,13 @@ def test_farewell_names_the_close():
     def payload(message):
         return protocol.encode_payload(message)
 
-    assert messages.farewell(payload({"type": "shutdown", "message": "bye now"})) == "bye now"
+    assert messages.farewell(payload({"type": "shutdown", "message": "bye now"})) == \
+        (1012, "bye now")
     assert messages.farewell(payload({"type": "error", "code": "idle_timeout",
-                                     "message": "silent for 60 s"})) == "silent for 60 s"
+                                     "message": "silent for 60 s"})) == \
+        (1008, "silent for 60 s")
+    assert messages.farewell(payload({"type": "error", "code": "server_full",
+                                     "message": "full"})) == (1013, "full")
     # Errors that leave the connection open are not a reason to close.
     assert messages.farewell(payload({"type": "error", "code": "name_taken",
                                      "message": "taken"})) is None
