@@ -12,9 +12,14 @@ What is shown, one line per event, is described in ``tcpserver/display.py``:
 room lines on stdout, diagnostics (``! ...``) on stderr.
 
 Commands: ``/who``, ``/msg NAME TEXT``, ``/quit``, ``/help``; ``//text``
-sends ``/text``.  Exit status: 0 after ``/quit``, end of input or a server
-shutdown; 1 if the server cannot be reached or the connection is lost;
-2 if the server refuses the name.
+sends ``/text``.  A message over ``protocol.MAX_TEXT_CHARS`` (4000)
+characters is not sent: at the prompt it stays in the input line with the
+limit shown, so it can be shortened; from a pipe it is skipped with the
+limit on stderr.
+
+Exit status: 0 after ``/quit``, end of input or a server shutdown; 1 if the
+server cannot be reached, is not a chat server (say, the web gateway's HTTP
+port) or the connection is lost; 2 if the server refuses the name.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import threading
 from typing import Callable
 
 from tcpserver import display, protocol
+from tcpserver.cli import DEFAULT_PORT
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +61,53 @@ class JoinRefused(protocol.RemoteProtocolError):
     """The server answered hello with an error (``code``, ``message``)."""
 
 
+class NotChatServer(Exception):
+    """The peer answered in something other than the chat protocol.
+
+    ``args[0]`` says what it looked like, e.g. "it answered like an HTTP server".
+    """
+
+
+# What other servers send first, or answer our hello with: enough to name
+# the usual wrong port (the web gateway's HTTP port above all).
+_GREETINGS = (
+    (b"HTTP/", "an HTTP server, such as the web gateway"),
+    (b"SSH-", "an SSH server"),
+    (b"220", "a mail or FTP server"),
+    (b"+OK", "a POP3 server"),
+    (b"* OK", "an IMAP server"),
+    (b"-ERR", "a Redis server"),
+)
+# Bytes kept from the start of the stream to judge it.
+_HEAD_BYTES = 16
+
+
+def foreign_greeting(head: bytes, complete: bool = False,
+                     max_frame_size: int = protocol.MAX_FRAME_SIZE) -> str | None:
+    """Say what the peer is if the first bytes it sent cannot be chat frames.
+
+    ``head`` is the start of what arrived before any welcome; ``complete``
+    means no more will come.  Returns None while ``head`` may still be the
+    start of a frame (or is too short to tell), else a phrase such as
+    ``"it answered like an HTTP server, such as the web gateway"``.  No I/O;
+    frame lengths are judged by ``protocol.FrameDecoder`` itself.
+    """
+    for prefix, what in _GREETINGS:
+        if head[:len(prefix)] == prefix:
+            return f"it answered like {what}"
+        if prefix.startswith(head) and head and not complete:
+            return None  # wait for the bytes that tell
+    probe = protocol.FrameDecoder(max_frame_size)
+    probe.receive_data(head)
+    try:
+        probe.next_payload()
+    except protocol.FrameError:
+        return "it answered with bytes that are not chat protocol frames"
+    if complete and head and len(head) < protocol.HEADER.size:
+        return "it answered with bytes that are not chat protocol frames"
+    return None
+
+
 class Session:
     """One joined connection: reads and shows server messages, sends ours."""
 
@@ -70,6 +123,7 @@ class Session:
         self.quitting = False
         self.closed = asyncio.Event()
         self._members: list = []
+        self._head = bytearray()  # the first bytes, to recognise a wrong port
         self._waiter: tuple[asyncio.Future, Reply] | None = None
 
     async def send(self, message: dict) -> None:
@@ -80,7 +134,8 @@ class Session:
     async def _read(self) -> dict | None:
         """Return the next valid server message, or None at end of stream.
 
-        Raises OSError on a reset and FrameError on a bad length.
+        Raises OSError on a reset and FrameError on a bad length; before
+        the welcome, NotChatServer if the peer does not speak the protocol.
         """
         while True:
             payload = self.decoder.next_payload()
@@ -88,10 +143,18 @@ class Session:
                 try:
                     return protocol.parse_server_message(payload)
                 except protocol.MessageError as exc:
+                    if not self.label:
+                        raise NotChatServer("it answered with something that is not "
+                                            "the chat protocol") from None
                     # The stream is still in sync: skip it, as the server would.
                     log.warning("ignored a bad message from the server: %s", exc.message)
                     continue
             data = await self.reader.read(65536)
+            if not self.label and len(self._head) < _HEAD_BYTES:
+                self._head += data[:_HEAD_BYTES - len(self._head)]
+                verdict = foreign_greeting(bytes(self._head), complete=not data)
+                if verdict:
+                    raise NotChatServer(verdict)
             if not data:
                 return None
             self.decoder.receive_data(data)
@@ -99,8 +162,8 @@ class Session:
     async def join(self, name: str) -> None:
         """Say hello and read up to the welcome.
 
-        Raises JoinRefused, ConnectionError (closed before the welcome),
-        OSError or FrameError.
+        Raises JoinRefused, NotChatServer, ConnectionError (closed before
+        the welcome), OSError or FrameError.
         """
         await self.send({"type": "hello", "name": name})
         while True:
@@ -231,14 +294,52 @@ class Session:
                 log.debug("the server did not close within %g s of our leave", QUIT_WAIT)
 
 
+def outgoing_text(line: str) -> str | None:
+    """The message text that ``line`` would send: its text for a message or
+    ``/msg NAME TEXT``, None for blank lines and other commands."""
+    line = display.clean_outgoing(line)
+    if not line.strip():
+        return None
+    if line.startswith("//"):
+        return line[1:]
+    if line.startswith("/"):
+        command, _, rest = line[1:].partition(" ")
+        if command.lower() != "msg":
+            return None
+        to, _, text = rest.strip().partition(" ")
+        return text if to and text.strip() else None
+    return line
+
+
+def line_problem(line: str) -> str | None:
+    """Why ``line`` cannot be sent as typed (e.g. over MAX_TEXT_CHARS), or None."""
+    text = outgoing_text(line)
+    if text is None:
+        return None
+    if len(text) > protocol.MAX_TEXT_CHARS:
+        return (f"a message is at most {protocol.MAX_TEXT_CHARS} characters and "
+                f"this one has {len(text)}")
+    try:
+        protocol.check_text(text)
+    except protocol.MessageError as exc:
+        return exc.message
+    return None
+
+
 async def act(session: Session, line: str, confirm: bool) -> bool:
     """Carry out one input line: a command or a message.
 
-    With ``confirm``, wait until the server has echoed what was sent.
-    Returns False when the line asks to quit.
+    With ``confirm``, wait until the server has echoed what was sent.  A
+    message that breaks the protocol's rules (``line_problem``) is not
+    sent; the reason is shown on stderr.  Returns False when the line asks
+    to quit.
     """
     line = display.clean_outgoing(line)
     if not line.strip():
+        return True
+    problem = line_problem(line)
+    if problem:
+        session.show(f"! not sent: {problem}; skipped", err=True)
         return True
     if line.startswith("/") and not line.startswith("//"):
         command, _, rest = line[1:].partition(" ")
@@ -254,7 +355,7 @@ async def act(session: Session, line: str, confirm: bool) -> bool:
             to, _, text = rest.strip().partition(" ")
             if not to or not text.strip():
                 session.show("! usage: /msg NAME TEXT", err=True)
-            elif _text_ok(session, text):
+            else:
                 await _submit(session, {"type": "private", "to": to, "text": text},
                               lambda m: m["type"] == "private" and m["from"] == session.label
                               and m["text"] == text, confirm)
@@ -262,19 +363,9 @@ async def act(session: Session, line: str, confirm: bool) -> bool:
             session.show(f"! unknown command /{command}: /help lists the commands", err=True)
         return True
     text = line[1:] if line.startswith("//") else line
-    if _text_ok(session, text):
-        await _submit(session, {"type": "say", "text": text},
-                      lambda m: m["type"] == "message" and m["from"] == session.label
-                      and m["text"] == text, confirm)
-    return True
-
-
-def _text_ok(session: Session, text: str) -> bool:
-    try:
-        protocol.check_text(text)
-    except protocol.MessageError as exc:
-        session.show(f"! not sent: {exc.message}", err=True)
-        return False
+    await _submit(session, {"type": "say", "text": text},
+                  lambda m: m["type"] == "message" and m["from"] == session.label
+                  and m["text"] == text, confirm)
     return True
 
 
@@ -308,12 +399,29 @@ async def _converse(session: Session, next_line, confirm: bool) -> None:
         closed.cancel()
 
 
+def _line_validator():
+    from prompt_toolkit.validation import ValidationError, Validator
+
+    class LineValidator(Validator):
+        """Refuses Enter on a line that cannot be sent, so it stays to be edited."""
+
+        def validate(self, document) -> None:
+            problem = line_problem(document.text)
+            if problem:
+                raise ValidationError(document.cursor_position,
+                                      f"not sent: {problem}; edit the line, then Enter")
+
+    return LineValidator()
+
+
 async def _interactive(session: Session) -> None:
     """Prompt for lines in a terminal until /quit, Ctrl-D or the server closes."""
     from prompt_toolkit import PromptSession
     from prompt_toolkit.patch_stdout import patch_stdout
 
-    prompt: PromptSession = PromptSession(f"[{display.clean(session.label)}]> ")
+    prompt: PromptSession = PromptSession(f"[{display.clean(session.label)}]> ",
+                                          validator=_line_validator(),
+                                          validate_while_typing=False)
 
     async def next_line() -> str | None:
         try:
@@ -396,9 +504,16 @@ async def _main(name: str, host: str, port: int) -> int:
             print(f"chatroom: cannot join as {name!r}: {display.clean(exc.message)} "
                   f"({display.clean(exc.code)})", file=sys.stderr)
             return EXIT_REFUSED if exc.code in _NAME_ERRORS else EXIT_LOST
-        except (OSError, protocol.FrameError, asyncio.TimeoutError) as exc:
-            reason = "no welcome in time" if isinstance(exc, asyncio.TimeoutError) else exc
-            print(f"chatroom: the chat server at {where} did not let us in ({reason})",
+        except NotChatServer as exc:
+            print(f"chatroom: {where} is not a chat server port ({exc.args[0]}); "
+                  f"the chat port is --port, default {DEFAULT_PORT}", file=sys.stderr)
+            return EXIT_LOST
+        except asyncio.TimeoutError:
+            print(f"chatroom: no welcome from {where} within {WELCOME_TIMEOUT:g} s; is it "
+                  f"the chat port? (--port, default {DEFAULT_PORT})", file=sys.stderr)
+            return EXIT_LOST
+        except (OSError, protocol.FrameError) as exc:
+            print(f"chatroom: the chat server at {where} did not let us in ({exc})",
                   file=sys.stderr)
             return EXIT_LOST
         receiver = asyncio.ensure_future(session.receive())

@@ -19,9 +19,10 @@ import time
 import pexpect
 import pyte
 import pytest
-from conftest import client_argv
+from conftest import Program, client_argv
 
 from tcpserver import display, protocol
+from tcpserver.client import foreign_greeting
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIME = r"\[\d\d:\d\d:\d\d\]"
@@ -328,6 +329,58 @@ def test_taken_name_is_one_line(server, connect):
     assert "cannot join as 'ALICE'" in line and "(name_taken)" in line
 
 
+def test_the_web_gateways_port_is_named_as_not_a_chat_port(server, tmp_path):
+    gateway = Program(tmp_path, "-m", "gateway", "--http-port=0", f"--chat-port={server.port}")
+    try:
+        port = int(gateway.wait_log(r"serving on http://\S+?:(\d+)/").group(1))
+        result = run_piped(port, "bob", "hello\n")
+    finally:
+        gateway.kill()
+    assert result.returncode == 1
+    line = assert_one_clean_line(result)
+    assert line == (f"chatroom: 127.0.0.1:{port} is not a chat server port (it answered like "
+                    "an HTTP server, such as the web gateway); the chat port is --port, "
+                    "default 10000")
+
+
+@pytest.mark.parametrize("junk, looks_like", [
+    (b"SSH-2.0-OpenSSH_9.2\r\n", "it answered like an SSH server"),
+    (b"garbage\r\n", "it answered with bytes that are not chat protocol frames"),
+    (b"\x00\x00\x00\x00", "it answered with bytes that are not chat protocol frames"),
+    (b"\x00\x00\x00\x05hello", "it answered with something that is not the chat protocol"),
+    (b"\x00\x01", "it answered with bytes that are not chat protocol frames"),  # then closes
+])
+def test_a_server_that_answers_junk_is_not_a_chat_port(junk, looks_like):
+    def script(sock, decoder):
+        read_message(sock, decoder)  # the hello
+        sock.sendall(junk)
+
+    port, thread, failures = fake_server(script)
+    result = run_piped(port, "bob", "hello\n")
+    thread.join(10)
+    assert not failures, failures
+    assert result.returncode == 1
+    line = assert_one_clean_line(result)
+    assert line == (f"chatroom: 127.0.0.1:{port} is not a chat server port ({looks_like}); "
+                    "the chat port is --port, default 10000")
+
+
+@pytest.mark.parametrize("head, complete, verdict", [
+    (b"", False, None),
+    (b"HT", False, None),  # may still be HTTP/: wait
+    (b"HTTP", False, None),
+    (b"HTTP/1.1 400", False, "it answered like an HTTP server, such as the web gateway"),
+    (b"HTT", True, "it answered with bytes that are not chat protocol frames"),
+    (b"\x00\x00", False, None),
+    (b"\x00\x00\x00\x10{", False, None),
+    # 65537: one over the limit
+    (b"\x00\x01\x00\x01", False, "it answered with bytes that are not chat protocol frames"),
+    (b"\x00\x01\x00\x00", False, None),  # 65536: the limit itself
+])
+def test_foreign_greeting_needs_only_the_first_bytes(head, complete, verdict):
+    assert foreign_greeting(head, complete) == verdict
+
+
 @pytest.mark.parametrize("name", ["bad name", "Server", "x" * 33, "a/b"])
 def test_invalid_name_is_one_line(server, name):
     result = run_piped(server.port, name, "hello\n")
@@ -344,7 +397,8 @@ class Terminal:
 
     ROWS, COLS = 24, 100
 
-    def __init__(self, port: int, name: str) -> None:
+    def __init__(self, port: int, name: str, rows: int = ROWS, cols: int = COLS) -> None:
+        self.ROWS, self.COLS = rows, cols
         # No cursor position requests: pexpect is not a terminal that answers.
         env = {**os.environ, "TERM": "xterm", "PROMPT_TOOLKIT_NO_CPR": "1"}
         self.child = pexpect.spawn(sys.executable, client_argv(port, name)[1:], env=env,
@@ -382,8 +436,8 @@ class Terminal:
 def terminal():
     started: list[Terminal] = []
 
-    def start(port: int, name: str) -> Terminal:
-        term = Terminal(port, name)
+    def start(port: int, name: str, **size) -> Terminal:
+        term = Terminal(port, name, **size)
         started.append(term)
         return term
 
@@ -438,3 +492,30 @@ def test_terminal_shows_shutdown_and_exits_zero(server, terminal):
     term.child.expect(pexpect.EOF, timeout=5)
     term.child.close()
     assert term.child.exitstatus == 0
+
+
+def test_an_over_long_line_stays_in_the_prompt(server, connect, terminal):
+    alice = connect("alice")
+    # Tall enough that the 4001-character line and the message both fit.
+    term = terminal(server.port, "bob", rows=60, cols=120)
+    term.wait(lambda: term.cursor_row() == "[bob@127.0.0.1]>", "the prompt")
+    text = "".join(chr(ord("a") + i % 26) for i in range(protocol.MAX_TEXT_CHARS + 1))
+    term.child.send(text)
+    term.wait(lambda: text[-20:] in "".join(term.rows()), "the typed text")
+    term.child.send("\r")
+    term.wait(lambda: any("not sent: a message is at most 4000 characters and this one has "
+                          "4001; edit the line, then Enter" in r for r in term.rows()),
+              "the limit")
+    # Still there to edit: one BackSpace makes it fit, and Enter sends it.
+    term.child.send("\x7f\r")
+    assert messages_from(alice, "bob@127.0.0.1", 1) == [text[:-1]]
+
+
+def test_an_over_long_piped_line_is_skipped_with_the_limit(server, connect):
+    alice = connect("alice")
+    long = "x" * (protocol.MAX_TEXT_CHARS + 1)
+    result = run_piped(server.port, "bob", f"before\n{long}\n/msg alice {long}\nafter\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("! not sent: a message is at most 4000 characters and this "
+                               "one has 4001; skipped") == 2, result.stderr
+    assert messages_from(alice, "bob@127.0.0.1", 2) == ["before", "after"]
