@@ -1,95 +1,173 @@
-"""Broadcast benchmark: the real server against the C load generator.
+"""The project's benchmark: the real chat server (and Debian's redis-server
+for comparison) against the C load generator, on loopback, in one run.
 
-    python tests/bench/run.py [--members 1000] [--publishers 100]
-                              [--text-bytes 100] [--seconds 10] [--window 1]
-                              [--backend auto]
+    python tests/bench/run.py --suite all
+    python tests/bench/run.py --suite throughput [--members 1000,5000]
+                              [--publishers 100] [--text-bytes 100]
+                              [--seconds 10] [--window 1] [--repeat 1]
+    python tests/bench/run.py --suite storm [--members 1000,5000,10000]
+    python tests/bench/run.py --suite idle [--members 10000]
+    python tests/bench/run.py --suite restart [--members 1000,5000,10000]
+    python tests/bench/run.py --suite durable
 
-Compiles loadgen.c with the system C compiler, starts the server on a free
-loopback port with the rate limits lifted, runs one bounded load, and prints
-deliveries per second with the server's peak memory and CPU time.  Not part
-of the test suite: timings belong in a benchmark, not in assertions.
+Each suite prints a Markdown table.  Suites:
+
+* throughput: seated members, publishers keeping --window messages in
+  flight; deliveries/s of the chat server and of Redis pub/sub under the same
+  load, their ratio, server memory per member, lost messages, evictions.
+* storm: N members connect and say hello all at once; time until all are
+  welcomed, then until all hear one message, and the server's CPU meanwhile.
+* idle: N joined, silent members; the server's CPU over --seconds.
+* restart, durable: need the server's --db (see durable.py).
+
+Not part of the test suite: timings belong in a benchmark, not in
+assertions.  Only ratios measured in the same run mean anything on a shared
+machine.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
-import resource
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent.parent
+import durable
+import idle
+from harness import (
+    BenchError,
+    Loadgen,
+    Process,
+    build_loadgen,
+    evictions,
+    raise_fd_limit,
+    start_redis,
+    start_server,
+    table,
+)
+
+SUITES = ("throughput", "storm", "idle", "restart", "durable")
+DEFAULT_MEMBERS = {"throughput": [1000, 5000], "storm": [1000, 5000, 10000],
+                   "idle": [10000], "restart": [1000, 5000, 10000], "durable": [1000]}
 
 
-def build_loadgen(out_dir: Path) -> Path:
-    binary = out_dir / "loadgen"
-    subprocess.run(["cc", "-O2", "-Wall", "-o", str(binary), str(HERE / "loadgen.c")],
-                   check=True)
-    return binary
+def _start(tmp: Path, proto: str, members: int, server_args: list[str]) -> Process:
+    if proto == "chat":
+        return start_server(tmp, members, *server_args)
+    return start_redis(tmp, members)
 
 
-def peak_rss_kib(pid: int) -> int:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"VmHWM:\s+(\d+)", status).group(1))
+def seated_run(binary: Path, tmp: Path, proto: str, members: int, args: argparse.Namespace,
+               server_args: list[str] = ()) -> dict:
+    """One throughput run against a fresh chat server or Redis.
+
+    Returns the generator's result fields plus the target's memory per
+    member (KB, from RSS before any client and once all are seated), CPU
+    share of one core while publishing, peak RSS, and evictions.
+    """
+    target = _start(tmp, proto, members, list(server_args))
+    try:
+        base_kib = target.rss_kib()
+        gen = Loadgen(binary, "throughput", proto, target.port, members,
+                      publishers=args.publishers, bytes=args.text_bytes,
+                      seconds=args.seconds, window=args.window, timeout=args.timeout, sync=1)
+        seated = gen.line("seated")
+        seated_kib = target.rss_kib()
+        cpu0 = target.cpu()
+        gen.go()
+        result = gen.line("result")
+        cpu = target.cpu() - cpu0
+        gen.close()
+        if result.get("timed_out"):
+            raise BenchError(f"{proto}: only {seated['joined']} of {members} joined "
+                             f"in {args.timeout:g} s")
+        result.update(
+            kb_per_member=(seated_kib - base_kib) * 1.024 / members,
+            cpu_share=cpu / float(result["seconds"]),
+            peak_mib=target.peak_rss_kib() / 1024,
+            evictions=evictions(target) if proto == "chat" else int(result["disconnects"]),
+        )
+        return result
+    finally:
+        target.stop()
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = int(fields[11]) + int(fields[12])  # utime + stime
-    return ticks / 100.0
+def suite_throughput(binary: Path, tmp: Path, args: argparse.Namespace) -> str:
+    rows = []
+    for members in args.members or DEFAULT_MEMBERS["throughput"]:
+        for _ in range(args.repeat):
+            chat = seated_run(binary, tmp, "chat", members, args)
+            redis = seated_run(binary, tmp, "redis", members, args)
+            ratio = float(chat["deliveries_per_s"]) / float(redis["deliveries_per_s"])
+            for name, r in (("chat server", chat), ("redis pub/sub", redis)):
+                rows.append([members, name, f"{float(r['deliveries_per_s']) / 1e6:.2f} M",
+                             f"{ratio:.2f}x" if r is chat else "",
+                             f"{r['cpu_share']:.0%}", f"{r['kb_per_member']:.1f}",
+                             f"{r['peak_mib']:.0f}", r["join_s"], r["lost"], r["evictions"]])
+    return table(f"Seated throughput: {args.publishers} publishers, {args.text_bytes}-byte "
+                 f"messages, window {args.window}, {args.seconds:g} s each",
+                 ["members", "server", "deliveries/s", "vs redis", "server CPU",
+                  "KB/member", "peak RSS MiB", "seat s", "lost", "evictions"], rows)
+
+
+def storm_run(binary: Path, tmp: Path, proto: str, members: int,
+              args: argparse.Namespace) -> dict:
+    """All members connect at once: seconds to all welcomed and to all
+    hearing one message, with the target's CPU seconds meanwhile."""
+    target = _start(tmp, proto, members, [])
+    try:
+        cpu0 = target.cpu()
+        gen = Loadgen(binary, "storm", proto, target.port, members, timeout=args.timeout)
+        seated = gen.line("seated")
+        result = gen.line("result")
+        gen.close()
+        result.update(seated, cpu=target.cpu() - cpu0,
+                      evictions=evictions(target) if proto == "chat" else result["disconnects"])
+        return result
+    finally:
+        target.stop()
+
+
+def suite_storm(binary: Path, tmp: Path, args: argparse.Namespace) -> str:
+    rows = []
+    for members in args.members or DEFAULT_MEMBERS["storm"]:
+        for proto, name in (("chat", "chat server"), ("redis", "redis pub/sub")):
+            r = storm_run(binary, tmp, proto, members, args)
+            done = "timed_out" not in r
+            rows.append([members, name, f"{r['joined']}/{members}",
+                         r["join_s"] if done else f"> {args.timeout:g}",
+                         r.get("settled_s", "-"), f"{r['cpu']:.2f}", r["evictions"]])
+    return table("Join storm: all members connect and say hello at once",
+                 ["members", "server", "welcomed", "all welcomed s", "all hear a message s",
+                  "server CPU s", "evictions"], rows)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--members", type=int, default=1000)
+    parser.add_argument("--suite", default="throughput",
+                        help=f"comma-separated: {', '.join(SUITES)}, or all")
+    parser.add_argument("--members", type=lambda s: [int(x) for x in s.split(",")],
+                        help="member counts (default per suite)")
     parser.add_argument("--publishers", type=int, default=100)
     parser.add_argument("--text-bytes", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--window", type=int, default=1,
                         help="messages each publisher keeps in flight")
-    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--timeout", type=float, default=120.0,
+                        help="bound on seating and on each restart, seconds")
     args = parser.parse_args()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, args.members + 256)), hard))
-
+    suites = SUITES if args.suite == "all" else args.suite.split(",")
+    raise_fd_limit(max(args.members or [10000]) * 2)
+    runners = {"throughput": suite_throughput, "storm": suite_storm, "idle": idle.suite_idle,
+               "restart": durable.suite_restart, "durable": durable.suite_durable}
     with tempfile.TemporaryDirectory() as tmp:
-        loadgen = build_loadgen(Path(tmp))
-        log_path = Path(tmp) / "server.log"
-        with open(log_path, "w+") as log:
-            server = subprocess.Popen(
-                [sys.executable, "-m", "tcpserver", "--name=server", "--port=0",
-                 f"--backend={args.backend}", f"--max-per-ip={args.members + 10}",
-                 f"--max-clients={args.members + 10}", "--msg-rate=1e9",
-                 "--msg-burst=1000000000", "--log-level=info"],
-                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        binary = build_loadgen(Path(tmp))
+        for suite in suites:
             try:
-                deadline = time.monotonic() + 10
-                while not (m := re.search(r"listening on \S+:(\d+)", log_path.read_text())):
-                    if time.monotonic() > deadline or server.poll() is not None:
-                        raise SystemExit(f"server did not start:\n{log_path.read_text()}")
-                    time.sleep(0.05)
-                port = m.group(1)
-                cpu_before = cpu_seconds(server.pid)
-                result = subprocess.run(
-                    [str(loadgen), port, str(args.members), str(args.publishers),
-                     str(args.text_bytes), str(args.seconds), str(args.window)],
-                    capture_output=True, text=True, timeout=args.seconds + 120)
-                cpu = cpu_seconds(server.pid) - cpu_before
-                rss = peak_rss_kib(server.pid)
-            finally:
-                server.terminate()
-                server.wait(30)
-        if result.returncode != 0:
-            print(result.stdout, result.stderr, log_path.read_text(), sep="\n")
-            return 1
-        evictions = log_path.read_text().count("slow reader")
-    print(result.stdout.strip())
-    print(f"server: peak_rss_MiB={rss / 1024:.1f} cpu_s={cpu:.1f} "
-          f"slow_reader_evictions={evictions} backend={args.backend}")
+                print(runners[suite](binary, Path(tmp), args), flush=True)
+            except BenchError as exc:
+                print(f"\n{suite}: failed: {exc}", flush=True)
     return 0
 
 
