@@ -78,7 +78,10 @@
     composeText: $("compose-text"),
     composeError: $("compose-error"),
     leaveButton: $("leave-button"),
+    members: $("members"),
+    membersStale: $("members-stale"),
     memberList: $("member-list"),
+    memberMore: $("member-more"),
     memberCount: $("member-count")
   };
 
@@ -97,6 +100,7 @@
     memberChunks: null,  // labels being collected while "more" is true
     catchup: null,       // {after, remaining, timer} while a history reply is due
     pending: new Map(),  // seq -> event held back until the gap before it fills
+    pinned: true,        // the transcript is scrolled to its end: keep it there
     attempt: 0,
     reconnectTimer: 0,
     helloTimer: 0,
@@ -175,14 +179,22 @@
     return t.scrollHeight - t.scrollTop - t.clientHeight < 48;
   }
 
+  function scrollToEnd() {
+    el.transcript.scrollTop = el.transcript.scrollHeight;
+    state.pinned = true;
+  }
+
+  // Whether to follow new entries is decided by where the user left the
+  // scroll, not measured at append time: a resize or rotation moves the
+  // bottom away without the user scrolling.
   function append(item) {
-    var stick = nearBottom();
+    var stick = state.pinned;
     el.transcript.appendChild(item);
     while (el.transcript.childElementCount > MAX_TRANSCRIPT) {
       el.transcript.removeChild(el.transcript.firstElementChild);
     }
     if (stick) {
-      el.transcript.scrollTop = el.transcript.scrollHeight;
+      scrollToEnd();
     }
   }
 
@@ -369,6 +381,52 @@
       var all = state.memberChunks;
       state.memberChunks = null;
       setMembers(all);
+      setMembersStale(false);
+    }
+  }
+
+  // While the socket is down the list shows who was here, not who is: it
+  // is marked so until the next welcome's list replaces it.
+  function setMembersStale(stale) {
+    el.members.dataset.stale = stale ? "true" : "false";
+    el.membersStale.hidden = !stale;
+    el.memberList.setAttribute("aria-busy", stale ? "true" : "false");
+  }
+
+  // Members scrolled out of the list's box are counted on a button, so a
+  // narrow screen never hides members with no sign that they exist.
+  function updateMemberMore() {
+    var list = el.memberList;
+    var top = list.scrollTop;
+    var bottom = top + list.clientHeight;
+    var above = 0;
+    var below = 0;
+    var node;
+    if (list.clientHeight > 0) {
+      for (node = list.firstElementChild; node && node.offsetTop < top - 1;
+           node = node.nextElementSibling) {
+        above += 1;
+      }
+      for (node = list.lastElementChild;
+           node && node.offsetTop + node.offsetHeight > bottom + 1;
+           node = node.previousElementSibling) {
+        below += 1;
+      }
+    }
+    var hidden = Math.min(above + below, list.childElementCount);
+    el.memberMore.hidden = hidden === 0;
+    el.memberMore.dataset.direction = below > 0 ? "down" : "up";
+    el.memberMore.textContent = "+" + hidden + " more " + (below > 0 ? "\u2193" : "\u2191");
+    el.memberMore.setAttribute("aria-label", hidden + (hidden === 1 ? " member" : " members") +
+                               " not shown; show " + (below > 0 ? "more" : "the first"));
+  }
+
+  function onMemberMore() {
+    var list = el.memberList;
+    if (el.memberMore.dataset.direction === "down") {
+      list.scrollTop += Math.max(list.clientHeight - 8, 8);
+    } else {
+      list.scrollTop = 0;
     }
   }
 
@@ -428,6 +486,7 @@
       }
     });
     el.memberCount.textContent = String(labels.length);
+    updateMemberMore();
     renderRecipients(labels);
   }
 
@@ -571,6 +630,7 @@
       showChat(false);
       return;
     }
+    setMembersStale(true);
     if (state.attempt === 0) {
       notice("Connection lost" + (reason ? ": " + reason : "") + ". Reconnecting\u2026", "warning");
     }
@@ -738,7 +798,9 @@
     state.catchup = null;
     state.label = null;
     el.transcript.textContent = "";
+    state.pinned = true;
     setMembers([]);
+    setMembersStale(false);
   }
 
   function onJoinSubmit(event) {
@@ -854,6 +916,21 @@
   el.compose.addEventListener("submit", onComposeSubmit);
   el.composeTo.addEventListener("change", updatePlaceholder);
   el.leaveButton.addEventListener("click", leave);
+  el.memberMore.addEventListener("click", onMemberMore);
+  el.memberList.addEventListener("scroll", updateMemberMore, { passive: true });
+  el.transcript.addEventListener("scroll", function () {
+    state.pinned = nearBottom();
+  }, { passive: true });
+  if (window.ResizeObserver) {
+    // A resize or rotation changes the transcript's height without a
+    // scroll: a reader who was at the end stays at the end.
+    new ResizeObserver(function () {
+      if (state.pinned) {
+        scrollToEnd();
+      }
+    }).observe(el.transcript);
+    new ResizeObserver(updateMemberMore).observe(el.memberList);
+  }
   el.composeText.addEventListener("keydown", function (event) {
     if (event.key === "Escape" && el.composeTo.value) {
       el.composeTo.value = "";

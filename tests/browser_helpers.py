@@ -1,5 +1,6 @@
-"""Helpers for the browser tests: the gateway and terminal client as
-subprocesses, Chromium's location, and a few page actions."""
+"""Helpers for the browser tests: the gateway as a subprocess, Chromium and
+its pages as fixtures (imported by each browser test module), and a few page
+actions."""
 
 from __future__ import annotations
 
@@ -54,6 +55,17 @@ class GatewayProcess(Program):
             raise RuntimeError(f"gateway did not start: {exc}") from None
         self.host, self.port = match.group(1), int(match.group(2))
         self.url = f"http://{self.host}:{self.port}/"
+
+
+PHONE = {"width": 375, "height": 740}
+DESKTOP = {"width": 1200, "height": 760}
+
+
+def expect_():
+    """Playwright's ``expect``, imported only once Chromium is known to run."""
+    from playwright.sync_api import expect
+
+    return expect
 
 
 # --- page actions ------------------------------------------------------------
