@@ -13,14 +13,20 @@ class Client:
     """One connection: its decoder, its output position and its timers.
 
     Output is the shared room stream from ``pos`` (for members) merged with
-    ``queue``, a deque of (room offset, frame) for frames meant for this
-    client alone: a frame queued at offset N is sent after the room bytes
-    before N and before those after it.
+    ``queue``, a deque of (room offset, frame, is reply) for frames meant for
+    this client alone: a frame queued at offset N is sent after the room
+    bytes before N and before those after it.  Replies (welcome, member
+    lists, history) are output the client asked for: they are counted in
+    ``reply_bytes``, not against the slow-reader limit, and while any are
+    unsent the client's next request waits.  A history reply is streamed from
+    the log: ``replay`` is the seq range still to send and ``hold_at`` the
+    room offset where the stream waits for it.
     """
 
     __slots__ = (
         "sock", "fd", "peer_ip", "ip", "decoder", "name", "label",
-        "pos", "stop_at", "queue", "queued_bytes", "writing",
+        "pos", "stop_at", "queue", "queued_bytes", "reply_bytes", "replay", "hold_at",
+        "writing", "reading", "resume",
         "tokens", "token_time", "strikes",
         "connected_at", "last_recv", "pinged", "partial_since",
         "closing", "close_deadline", "fin_sent", "closed",
@@ -36,9 +42,14 @@ class Client:
         self.label: str | None = None
         self.pos: int | None = None  # room stream offset; None until joined
         self.stop_at: int | None = None  # room offset to stop at once leaving
-        self.queue: deque[tuple[int, bytes]] = deque()
-        self.queued_bytes = 0
+        self.queue: deque[tuple[int, bytes, bool]] = deque()
+        self.queued_bytes = 0  # unsent bytes of queued frames that are not replies
+        self.reply_bytes = 0  # unsent bytes of queued replies
+        self.replay: list[int] | None = None  # [next seq, last seq] still to stream
+        self.hold_at: int | None = None  # room offset the stream waits at for replay
         self.writing = False  # EVENT_WRITE registered: the kernel buffer is full
+        self.reading = True  # EVENT_READ registered
+        self.resume: str | None = None  # the secret that takes this name back
         self.tokens = float(limits.msg_burst)
         self.token_time = now
         self.strikes = 0  # frames dropped in a row for the rate limit
@@ -54,29 +65,37 @@ class Client:
     def __repr__(self) -> str:
         return self.label or f"{self.ip} (fd {self.fd})"
 
-    def pending(self, room_end: int) -> int:
-        """Bytes not yet sent, counting the room stream up to ``room_end``."""
+    def backlog(self, room_end: int) -> int:
+        """Unsent bytes that count against the slow-reader limit: the room
+        stream up to ``room_end`` and queued frames that are not replies."""
         room = room_end - self.pos if self.pos is not None else 0
         return room + self.queued_bytes
+
+    def pending(self, room_end: int) -> int:
+        """All bytes not yet sent, counting the room stream up to ``room_end``."""
+        return self.backlog(room_end) + self.reply_bytes
 
     def advance(self, sent: int) -> None:
         """Account for ``sent`` bytes written, in the order ``_flush`` sends:
         room bytes up to the first queued frame's offset, that frame, ..."""
         queue = self.queue
         while sent and queue:
-            offset, frame = queue[0]
+            offset, frame, reply = queue[0]
             if self.pos is not None and self.pos < offset:
                 step = min(sent, offset - self.pos)
                 self.pos += step
                 sent -= step
                 continue
-            if sent >= len(frame):
+            step = min(sent, len(frame))
+            if step == len(frame):
                 queue.popleft()
-                self.queued_bytes -= len(frame)
-                sent -= len(frame)
             else:
-                queue[0] = (offset, frame[sent:])
-                self.queued_bytes -= sent
-                sent = 0
+                # A view, not a copy: a shared replay blob stays shared.
+                queue[0] = (offset, memoryview(frame)[step:], reply)
+            if reply:
+                self.reply_bytes -= step
+            else:
+                self.queued_bytes -= step
+            sent -= step
         if sent:
             self.pos += sent

@@ -218,7 +218,7 @@ SERVER_MESSAGES: Schema = {
         "large": _OPT_BOOL,
     },
     "members": {"members": _LIST, "more": _BOOL, "cursor": _OPT_STR, "count": _OPT_INT},
-    "presence": {"count": _INT},
+    "presence": {"count": _INT, "large": _OPT_BOOL},
     "message": {"seq": _INT, "from": _STR, "text": _STR, "ts": _INT},
     "join": {"seq": _INT, "member": _STR, "ts": _INT},
     "leave": {"seq": _INT, "member": _STR, "reason": _STR, "ts": _INT},

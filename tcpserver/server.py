@@ -3,9 +3,12 @@
 Each loop iteration (``_step``):
 
 1. waits in the selector;
-2. reads what is ready and handles whole frames, appending room events to
-   the shared ``RoomStream`` once each (never once per member);
-3. flushes: every client with pending bytes gets them in one ``send``.
+2. reads what is ready and feeds whole frames to the room's rules
+   (``rules.Room``), which stage room events in the room log;
+3. commits the log (one transaction for the turn), then appends the
+   committed frames to the shared ``RoomStream`` once each (never once per
+   member): nobody is sent an event the log does not hold;
+4. flushes: every client with pending bytes gets them in one ``send``.
    Only a client whose kernel buffer is full registers ``EVENT_WRITE``, so an
    idle server sleeps and a busy one makes no per-recipient selector calls.
 
@@ -22,7 +25,6 @@ import ipaddress
 import logging
 import os
 import resource
-import secrets
 import selectors
 import signal
 import socket
@@ -31,8 +33,9 @@ import time
 
 from tcpserver import protocol, settings
 from tcpserver.client_state import Client
-from tcpserver.commands import RoomCommands, now_ms
-from tcpserver.room import History, RoomStream
+from tcpserver.room import RoomStream
+from tcpserver.roomlog import MemoryLog, RoomLog
+from tcpserver.rules import Room
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,13 @@ FD_SETSIZE = 1024
 TICK = 0.25
 # How long a client we are closing gets to read its last frame and hang up.
 CLOSE_GRACE = 2.0
+# A history reply is read from the log in pieces of about this size, as the
+# client drains them: large enough for few reads, small enough that one
+# client's replay pins little memory.
+REPLAY_CHUNK = 256 * 1024
+# While a client's requests wait (a reply still unsent), its socket is read
+# only until this much input is buffered; then TCP pushes back.
+PAUSED_INPUT_BYTES = 2 * protocol.MAX_FRAME_SIZE
 
 _BACKENDS = {
     "auto": selectors.DefaultSelector,
@@ -59,11 +69,13 @@ _WAKEUP = "wakeup"
 _STDIN = "stdin"
 
 
-class ChatServer(RoomCommands):
-    """The room.  ``serve_forever()`` runs until SIGINT/SIGTERM or ``quit``."""
+class ChatServer:
+    """The room's sockets.  ``serve_forever()`` runs until SIGINT/SIGTERM or
+    ``quit``.  Implements ``rules.Outbox`` for the room's rules."""
 
     def __init__(self, host: str, port: int, limits: settings.Limits,
-                 backend: str = "auto", trusted=settings.DEFAULT_TRUSTED_PROXIES) -> None:
+                 backend: str = "auto", trusted=settings.DEFAULT_TRUSTED_PROXIES,
+                 roomlog: RoomLog | None = None) -> None:
         selector_class = _BACKENDS[backend]
         if selector_class is None:
             raise ValueError(f"the {backend} backend is not available on this platform")
@@ -80,25 +92,22 @@ class ChatServer(RoomCommands):
         self._accept_paused_until = 0.0
 
         self.clients: dict[int, Client] = {}  # by fd
-        self.members: dict[str, Client] = {}  # by casefolded name
         self.streaming: set[Client] = set()  # clients reading the room stream
         self.dirty: set[Client] = set()  # clients with new private frames
+        self._leaving: list[Client] = []  # stream them up to this turn's events
+        self._input_ready: set[Client] = set()  # buffered requests may go on
         self.per_ip: dict[str, int] = {}
-        self.room = RoomStream()
-        self.history = History(limits.history)
-        self.seq = 0
-        self.epoch = secrets.token_hex(8)
+        self.stream = RoomStream()
+        if roomlog is None:
+            roomlog = MemoryLog(limits.max_frame, limits.history, limits.history)
+        self.log = roomlog
+        self.room = Room(limits, roomlog, self, self.trusted)
         self._flushed_end = 0
         self.now = time.monotonic()
         self._next_tick = self.now
         self.stopping = False
         self._stop_requested = False
         self._shutdown_deadline = 0.0
-        self._handlers = {
-            "hello": self._on_hello, "say": self._on_say, "private": self._on_private,
-            "who": self._on_who, "history": self._on_history, "ping": self._on_ping,
-            "pong": self._on_pong, "quit": self._on_quit,
-        }
 
     # --- running -------------------------------------------------------
 
@@ -116,6 +125,8 @@ class ChatServer(RoomCommands):
         if watch_stdin:
             self.selector.register(sys.stdin.fileno(), selectors.EVENT_READ, _STDIN)
         log.info("listening on %s:%d", *self.server_address)
+        log.info("room log: %s; epoch %s, last seq %d", self.log.describe(), self.log.epoch,
+                 self.log.last_seq)
         try:
             while not (self.stopping and not self.clients):
                 self._step()
@@ -128,6 +139,7 @@ class ChatServer(RoomCommands):
             for client in list(self.clients.values()):
                 self._close_now(client)
             self.selector.close()
+            self.log.close()
             wake_r.close()
             wake_w.close()
             if not self.stopping:
@@ -165,6 +177,14 @@ class ChatServer(RoomCommands):
                         self._flush(tag)
                 except Exception:
                     self._internal_error(tag)
+        for client in list(self._input_ready):
+            self._input_ready.discard(client)
+            if not client.closed:
+                try:
+                    self._process_input(client)
+                except Exception:
+                    self._internal_error(client)
+        self._commit()
         self._flush_all()
         if self.now >= self._next_tick:
             self._next_tick = self.now + TICK
@@ -178,7 +198,8 @@ class ChatServer(RoomCommands):
     def _select_timeout(self) -> float | None:
         if self._stop_requested and not self.stopping:
             return 0
-        if self.room.end > self._flushed_end or self.dirty:
+        if self.stream.end > self._flushed_end or self.dirty or self._input_ready \
+                or self.log.staged:
             return 0  # evictions during the last flush left work to do
         if not self.clients and not self.stopping and not self._accept_paused_until:
             return None  # nothing can time out: sleep until something happens
@@ -230,7 +251,7 @@ class ChatServer(RoomCommands):
     def _refuse(self, sock: socket.socket, ip: str, code: str, message: str) -> None:
         log.warning("refused %s: %s", ip, message)
         try:
-            sock.send(self._encode({"type": "error", "code": code, "message": message}))
+            sock.send(self._error_frame(code, message))
             # Read what the peer already sent: closing with unread input
             # sends a reset, which can destroy the error frame in flight.
             _drain(sock)
@@ -255,9 +276,19 @@ class ChatServer(RoomCommands):
         client.pinged = False
         if client.closing:
             return  # read only to see the peer hang up
+        client.decoder.receive_data(data)
+        self._process_input(client)
+
+    def _process_input(self, client: Client) -> None:
+        """Handle the whole frames buffered, until a reply makes the rest wait."""
         decoder = client.decoder
-        decoder.receive_data(data)
         while not client.closing:
+            if client.reply_bytes or client.hold_at is not None:
+                # One reply at a time: the next request waits until this one
+                # is sent, so a client cannot queue unbounded output.
+                if client.reading and decoder.buffered >= PAUSED_INPUT_BYTES:
+                    self._set_reading(client, False)
+                break
             try:
                 payload = decoder.next_payload()
             except protocol.FrameError as exc:
@@ -275,13 +306,16 @@ class ChatServer(RoomCommands):
             if message["type"] != "quit" and not self._take_token(client):
                 continue
             try:
-                self._handlers[message["type"]](client, message)
+                self.room.handle(client, message)
             except protocol.MessageError as exc:
                 self._send_error(client, exc.code, exc.message)
             except protocol.LocalProtocolError:
                 # Only possible with a small --max-frame: the reply would not fit.
                 self._send_error(client, "bad_message", "too long for this server's frames")
-        if decoder.buffered:
+        busy = client.reply_bytes or client.hold_at is not None
+        if not busy and not client.reading and not client.closed:
+            self._set_reading(client, True)
+        if decoder.buffered and not busy:
             if not client.partial_since:
                 client.partial_since = self.now
         else:
@@ -321,35 +355,68 @@ class ChatServer(RoomCommands):
 
     # --- output --------------------------------------------------------
 
-    def _publish(self, event: dict) -> None:
-        """Append a room event (its "seq" placeholder filled in) for everyone."""
-        event["seq"] = self.seq + 1
-        frame = self._encode(event)
-        self.seq += 1  # only once the frame is known to fit
-        self.room.append(frame)
-        self.history.append(self.seq, frame)
+    # --- rules.Outbox ----------------------------------------------------
 
-    def _encode(self, message: dict) -> bytes:
-        """One frame within this server's --max-frame; raises LocalProtocolError."""
-        return protocol.encode_frame(message, self.limits.max_frame)
-
-    def _queue(self, client: Client, frame: bytes) -> None:
+    def send(self, client: Client, frame: bytes, reply: bool = False) -> None:
         """Queue an encoded frame for one client, after the room bytes so far."""
-        client.queue.append((self.room.end, frame))
-        client.queued_bytes += len(frame)
+        client.queue.append((self.stream.end, frame, reply))
+        if reply:
+            client.reply_bytes += len(frame)
+        else:
+            client.queued_bytes += len(frame)
         self.dirty.add(client)
 
-    def _send(self, client: Client, message: dict) -> None:
-        self._queue(client, self._encode(message))
+    def replay(self, client: Client, first: int, last: int) -> None:
+        if first <= last:
+            client.replay = [first, last]
+            client.hold_at = self.stream.end
+
+    def broadcast(self, frame: bytes) -> None:
+        self.stream.append(frame)
+
+    def follow(self, client: Client) -> None:
+        client.pos = self.stream.end
+        self.streaming.add(client)
+
+    def leaving(self, client: Client) -> None:
+        self._leaving.append(client)
+
+    def close(self, client: Client) -> None:
+        self._start_closing(client)
+
+    def drop(self, client: Client) -> None:
+        self._close_now(client)
+
+    def address_admitted(self, client: Client, address: str) -> bool:
+        if address != client.ip:
+            self._count_ip(client.ip, -1)
+            client.ip = address
+            self._count_ip(address, +1)
+        return self.per_ip[address] <= self.limits.max_per_ip
+
+    # --- output --------------------------------------------------------
+
+    def _commit(self) -> None:
+        """Make this turn's room events durable, then put them on the stream."""
+        for frame in self.room.commit():
+            self.stream.append(frame)
+        for client in self._leaving:
+            if client.stop_at is None:
+                client.stop_at = self.stream.end
+        self._leaving.clear()
+
+    def _error_frame(self, code: str, message: str) -> bytes:
+        return protocol.encode_frame({"type": "error", "code": code, "message": message},
+                                     self.limits.max_frame)
 
     def _send_error(self, client: Client, code: str, message: str) -> None:
-        self._send(client, {"type": "error", "code": code, "message": message})
+        self.send(client, self._error_frame(code, message))
 
     def _flush_all(self) -> None:
         """Send pending bytes to every client that has some."""
-        room_end = self.room.end
-        if room_end > self._flushed_end:
-            self._flushed_end = room_end
+        stream_end = self.stream.end
+        if stream_end > self._flushed_end:
+            self._flushed_end = stream_end
             targets = list(self.streaming)
             targets.extend(self.dirty.difference(self.streaming))
         else:
@@ -368,25 +435,32 @@ class ChatServer(RoomCommands):
             except Exception:
                 self._internal_error(client)
         if self.streaming:
-            self.room.trim(min(c.pos for c in self.streaming))
+            self.stream.trim(min(c.pos for c in self.streaming))
         else:
-            self.room.trim(self.room.end)
+            self.stream.trim(self.stream.end)
 
     def _flush(self, client: Client) -> None:
-        room = self.room
-        end = room.end if client.stop_at is None else client.stop_at
+        stream = self.stream
+        if client.hold_at is not None:
+            self._feed_replay(client)
+        end = stream.end if client.stop_at is None else client.stop_at
+        hold = client.hold_at
+        if hold is not None:
+            end = min(end, hold)  # room bytes after the replay wait for it
         pos = client.pos
         views: list[memoryview] = []
         buffers: list = []
-        for offset, frame in client.queue:
+        for offset, frame, _ in client.queue:
+            if hold is not None and offset > hold:
+                break
             if pos is not None and pos < offset:
-                view = room.view(pos, offset)
+                view = stream.view(pos, offset)
                 views.append(view)
                 buffers.append(view)
                 pos = offset
             buffers.append(frame)
         if pos is not None and pos < end:
-            view = room.view(pos, end)
+            view = stream.view(pos, end)
             views.append(view)
             buffers.append(view)
         if not buffers:
@@ -407,21 +481,44 @@ class ChatServer(RoomCommands):
         if sent < 0:
             log.debug("%s: send failed: %s", client, failure)
             return self._drop(client, "hung_up")
+        had_replies = client.reply_bytes
         client.advance(sent)
+        if had_replies and not client.reply_bytes:
+            self._input_ready.add(client)  # requests waiting behind the reply
         if client.pending(end):
             if not self._check_backlog(client):
                 return
             if not client.writing:
                 client.writing = True
-                self.selector.modify(client.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
-                                     client)
+                self._update_interest(client)
+        elif client.hold_at is not None:
+            self.dirty.add(client)  # the next piece of the replay, next turn
         else:
             self._flushed(client)
+
+    def _feed_replay(self, client: Client) -> None:
+        """Queue the next piece of a history reply once the client has taken
+        everything before it; release the hold once all of it is queued."""
+        hold = client.hold_at
+        if client.pos != hold or (client.queue and client.queue[0][0] <= hold):
+            return
+        if client.replay is None:
+            client.hold_at = None
+            self._input_ready.add(client)
+            return
+        first, last = client.replay
+        frames = self.log.frames(max(first, self.log.first_seq), last, REPLAY_CHUNK)
+        first += len(frames) if frames else last - first + 1
+        client.replay = [first, last] if first <= last else None
+        if frames:
+            blob = b"".join(frames)
+            client.queue.appendleft((hold, blob, True))
+            client.reply_bytes += len(blob)
 
     def _flushed(self, client: Client) -> None:
         if client.writing:
             client.writing = False
-            self.selector.modify(client.sock, selectors.EVENT_READ, client)
+            self._update_interest(client)
         if client.closing and not client.fin_sent:
             # All said: send FIN, but keep reading until the peer hangs up so
             # that our last frame is not destroyed by a reset.
@@ -431,10 +528,29 @@ class ChatServer(RoomCommands):
             except OSError:
                 self._close_now(client)
 
+    def _set_reading(self, client: Client, reading: bool) -> None:
+        client.reading = reading
+        self._update_interest(client)
+
+    def _update_interest(self, client: Client) -> None:
+        events = (selectors.EVENT_READ if client.reading else 0) | (
+            selectors.EVENT_WRITE if client.writing else 0)
+        key = self.selector.get_map().get(client.fd)
+        if not events:
+            if key is not None:
+                self.selector.unregister(client.sock)
+        elif key is None:
+            self.selector.register(client.sock, events, client)
+        elif key.events != events:
+            self.selector.modify(client.sock, events, client)
+
     def _check_backlog(self, client: Client) -> bool:
-        """Evict a client whose unsent output is over the limit; False if so."""
-        end = self.room.end if client.stop_at is None else client.stop_at
-        backlog = client.pending(end)
+        """Evict a client whose unsent output is over the limit; False if so.
+
+        Replies the client asked for do not count: a client that reads
+        promptly is never evicted for output the server chose to send it."""
+        end = self.stream.end if client.stop_at is None else client.stop_at
+        backlog = client.backlog(end)
         if backlog <= self.limits.slow_reader_bytes:
             return True
         log.warning("%s: evicted as a slow reader (%d bytes unsent)", client, backlog)
@@ -446,14 +562,7 @@ class ChatServer(RoomCommands):
 
     def _leave(self, client: Client, reason: str) -> None:
         """Take a member out of the room and tell the room why."""
-        if client.name is None or self.members.get(client.name.casefold()) is not client:
-            return
-        del self.members[client.name.casefold()]
-        log.info("%s left (%s)", client.label, reason)
-        self._publish({"type": "leave", "seq": 0, "member": client.label,
-                       "reason": reason, "ts": now_ms()})
-        # A leaving member still gets the stream up to its own leave.
-        client.stop_at = self.room.end
+        self.room.leave(client, reason)
 
     def _fail(self, client: Client, code: str, message: str, reason: str) -> None:
         """Tell the client what it did wrong, take it out, and close."""
@@ -478,11 +587,11 @@ class ChatServer(RoomCommands):
         if client.closed:
             return
         client.closed = True
-        if client.name is not None and self.members.get(client.name.casefold()) is client:
-            del self.members[client.name.casefold()]
+        self.room.leave(client, "hung_up")  # a no-op unless still a member
         self.clients.pop(client.fd, None)
         self.streaming.discard(client)
         self.dirty.discard(client)
+        self._input_ready.discard(client)
         self._count_ip(client.ip, -1)
         try:
             self.selector.unregister(client.sock)
@@ -523,7 +632,9 @@ class ChatServer(RoomCommands):
                            f"silent for {limits.idle_timeout:g} s", "timed_out")
             elif not client.pinged and now - client.last_recv > limits.idle_timeout / 2:
                 client.pinged = True
-                self._send(client, {"type": "ping", "token": "idle"})
+                self.send(client, protocol.encode_frame({"type": "ping", "token": "idle"},
+                                                        self.limits.max_frame))
+        self.room.tick(now)
 
     def _begin_shutdown(self) -> None:
         """Stop accepting, tell everyone, and let the loop flush and close."""
@@ -533,22 +644,23 @@ class ChatServer(RoomCommands):
         if not self._accept_paused_until:
             self.selector.unregister(self.listener)
         self.listener.close()
-        frame = self._encode({"type": "shutdown", "message": "the server is shutting down"})
+        self._commit()
+        frame = protocol.encode_frame({"type": "shutdown",
+                                       "message": "the server is shutting down"},
+                                      self.limits.max_frame)
         # Members get the notice after every room event accepted before it.
-        self.room.append(frame)
+        self.stream.append(frame)
         for client in list(self.clients.values()):
             if client.closing:
                 continue
             if client in self.streaming:
-                client.stop_at = self.room.end
+                client.stop_at = self.stream.end
             else:
-                self._queue(client, frame)
-            if client.name is not None:
-                log.info("%s left (shutdown)", client.label)
+                self.send(client, frame)
             client.closing = True
             client.close_deadline = self._shutdown_deadline
             self.dirty.add(client)
-        self.members.clear()
+        self.room.forget_all()
 
 
 # sendmsg() takes at most IOV_MAX buffers; the rest go in the next call.

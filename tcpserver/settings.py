@@ -45,8 +45,15 @@ class Limits:
     # Output backlog past which a client is evicted as a slow reader; this
     # also bounds the shared room buffer.
     slow_reader_bytes: int = 1024 * 1024
-    # Room events kept for welcome and history requests.
+    # Room events replayed after a welcome, and kept in memory for it.
     history: int = 100
+    # Most events one ``history after`` request replays (PROTOCOL.md); a
+    # reconnect after a long absence is told how many it missed instead.
+    history_replay: int = 1000
+    # Above this many members the room is "large": join/leave notices stop,
+    # presence counts instead, member lists are paged (Twitch stops join and
+    # part notices at 1000 users).
+    announce_limit: int = 1000
     # How long shutdown waits for clients to take their last bytes.
     shutdown_grace: float = 5.0
 
@@ -63,7 +70,10 @@ _OPTIONS = (
     ("--msg-burst", "msg_burst", int, "burst allowance of the rate limit"),
     ("--flood-strikes", "flood_strikes", int, "rate-limited frames in a row before disconnect"),
     ("--slow-reader-bytes", "slow_reader_bytes", int, "output backlog before eviction"),
-    ("--history", "history", int, "room events kept for history"),
+    ("--history", "history", int, "room events replayed after a welcome"),
+    ("--history-replay", "history_replay", int, "most events one history request replays"),
+    ("--announce-limit", "announce_limit", int,
+     "members above which join/leave notices stop and lists are paged"),
     ("--shutdown-grace", "shutdown_grace", float, "seconds to flush on shutdown"),
 )
 

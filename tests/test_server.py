@@ -12,6 +12,9 @@ import time
 
 import pytest
 from conftest import ROOT, RawClient
+from room_harness import RoomHarness
+
+from tcpserver import protocol
 
 
 def room_events(client: RawClient, count: int, timeout: float = 5.0) -> list[dict]:
@@ -116,7 +119,7 @@ def test_who(connect):
     alice.send({"type": "who"})
     members = alice.recv_type("members")
     assert members == {"type": "members", "members": ["alice@127.0.0.1", "bob@127.0.0.1"],
-                       "more": False}
+                       "more": False, "count": 2}
 
 
 def test_history_after_a_sequence_number(connect):
@@ -346,34 +349,19 @@ def test_second_signal_skips_the_shutdown_grace(start_server, open_client):
 
 
 def test_member_lists_use_the_whole_of_a_large_max_frame():
-    # In-process: thousands of long labels without thousands of sockets.
-    from types import SimpleNamespace
-
-    from tcpserver import protocol
-    from tcpserver.client_state import Client
-    from tcpserver.server import ChatServer
-    from tcpserver.settings import Limits
-
-    limits = Limits(max_frame=200_000)
-    room = ChatServer("127.0.0.1", 0, limits)
-    ours, theirs = socket.socketpair()
+    # The rules alone, with no sockets: thousands of long labels.
+    harness = RoomHarness(max_frame=200_000, announce_limit=10_000)
+    labels = [f"{'n' * 27}{i:05d}@2001:db8:ffff:ffff:ffff:ffff:ffff:{i:x}" for i in range(3000)]
     try:
-        labels = [f"{'n' * 27}{i:05d}@2001:db8:ffff:ffff:ffff:ffff:ffff:{i:x}" for i in range(3000)]
         for label in labels:
-            room.members[label.casefold()] = SimpleNamespace(label=label)
-        asker = Client(ours, "127.0.0.1", 0.0, limits)
-        asker.name = "asker"
-        room._on_who(asker, {"type": "who"})
-        decoder = protocol.FrameDecoder(limits.max_frame)
-        decoder.receive_data(b"".join(frame for _, frame in asker.queue))
-        frames = []
-        while (payload := decoder.next_payload()) is not None:
-            frames.append((len(payload), protocol.parse_server_message(payload)))
+            name, address = label.split("@")
+            harness.join(name, forwarded_for=address)
+        asker = harness.clients[0]
+        harness.sent.clear()
+        harness.room.handle(asker, {"type": "who"})
+        frames = harness.payloads_for(asker)
         assert [m["more"] for _, m in frames] == [True] * (len(frames) - 1) + [False]
         assert [label for _, m in frames for label in m["members"]] == labels
         assert max(size for size, _ in frames) > protocol.MAX_FRAME_SIZE
     finally:
-        ours.close()
-        theirs.close()
-        room.selector.close()
-        room.listener.close()
+        harness.shutdown()

@@ -1,0 +1,181 @@
+"""The room log: every room event (``message``, ``join``, ``leave``) in
+``seq`` order, behind one small interface.
+
+The room's rules ``stage`` events as they happen; the server ``commit``s
+once per loop turn, before it sends anything, and appends the frames that
+``commit`` returns to the room stream.  So a member never receives an
+event that the log does not hold, and the cost is one commit per turn.
+
+Sequence numbers are consecutive: a failed commit takes its staged events
+back, so numbers are never skipped and ``first_seq..last_seq`` is exactly
+what the log holds.  Implementations: ``MemoryLog`` here (``--db
+:memory:``) and ``SqliteLog`` in ``tcpserver.sqlitelog``.
+"""
+
+from __future__ import annotations
+
+import abc
+import secrets
+from collections import deque
+from typing import Any
+
+from tcpserver import protocol
+
+
+class StorageError(Exception):
+    """The log cannot store events right now (disk full, I/O error).
+
+    The staged events were dropped; the log keeps working once the cause is
+    gone.  ``str()`` is one line for the operator.
+    """
+
+
+def new_epoch() -> str:
+    """A fresh epoch: 16 hex digits naming one transcript."""
+    return secrets.token_hex(8)
+
+
+class RoomLog(abc.ABC):
+    """Where room events are kept.
+
+    ``recent`` (at least the server's ``--history``) frames are also kept in
+    memory, so welcomes and reconnects do not touch storage.
+    """
+
+    def __init__(self, max_frame: int, recent: int) -> None:
+        self.max_frame = max_frame
+        self.epoch = ""  # set by the implementation
+        self._last_seq = 0  # committed
+        self._staged: list[tuple[int, bytes]] = []
+        self._recent: deque[tuple[int, bytes]] = deque(maxlen=max(recent, 1))
+        self._tail_cache: tuple[tuple[int, int], bytes] | None = None
+
+    # --- writing --------------------------------------------------------
+
+    @property
+    def last_seq(self) -> int:
+        """The newest committed event's seq, 0 for an empty room."""
+        return self._last_seq
+
+    @property
+    def first_seq(self) -> int:
+        """The oldest seq still held; ``last_seq + 1`` when none is."""
+        return self._first_seq()
+
+    def stage(self, event: dict[str, Any]) -> bytes:
+        """Give ``event`` the next seq (its ``"seq"`` field is set) and
+        encode it; it is stored by the next ``commit``.  Returns the frame.
+
+        Raises protocol.LocalProtocolError if it does not fit in a frame.
+        """
+        event["seq"] = self._last_seq + len(self._staged) + 1
+        frame = protocol.encode_frame(event, self.max_frame)
+        self._staged.append((event["seq"], frame))
+        return frame
+
+    @property
+    def staged(self) -> int:
+        """How many events wait for ``commit``."""
+        return len(self._staged)
+
+    def commit(self) -> list[bytes]:
+        """Store the staged events in one transaction; return their frames,
+        in seq order, for delivery.  Raises StorageError, after which the
+        staged events are gone and their numbers will be given again."""
+        staged, self._staged = self._staged, []
+        if not staged:
+            return []
+        self._store(staged)
+        self._recent.extend(staged)
+        self._last_seq = staged[-1][0]
+        return [frame for _, frame in staged]
+
+    def discard_staged(self) -> None:
+        """Drop staged events without storing them (a failed turn)."""
+        self._staged.clear()
+
+    # --- reading --------------------------------------------------------
+
+    def frames(self, first: int, last: int, max_bytes: int) -> list[bytes]:
+        """Committed frames with ``first <= seq <= last``, oldest first,
+        stopping before ``max_bytes`` is passed (but never empty if the
+        range is not).  The caller keeps ``first..last`` inside
+        ``first_seq..last_seq``."""
+        if first > last:
+            return []
+        recent = self._recent
+        if recent and first >= recent[0][0]:
+            start = first - recent[0][0]
+            out, size = [], 0
+            for i in range(start, start + last - first + 1):
+                frame = recent[i][1]
+                if out and size + len(frame) > max_bytes:
+                    break
+                out.append(frame)
+                size += len(frame)
+            return out
+        return self._load(first, last, max_bytes)
+
+    def tail(self, count: int) -> tuple[int, bytes]:
+        """The last ``count`` committed events (fewer if the log holds
+        fewer, at most what is kept in memory) as (how many, one bytes
+        object of their frames).  The object is shared by every caller until
+        the next commit, so a burst of joins costs one join of bytes."""
+        count = min(count, len(self._recent), self._last_seq - self.first_seq + 1)
+        key = (self._last_seq, count)
+        if self._tail_cache is None or self._tail_cache[0] != key:
+            recent = self._recent
+            blob = b"".join(recent[i][1] for i in range(len(recent) - count, len(recent)))
+            self._tail_cache = (key, blob)
+        return count, self._tail_cache[1]
+
+    # --- for implementations -------------------------------------------
+
+    @abc.abstractmethod
+    def _store(self, events: list[tuple[int, bytes]]) -> None:
+        """Write (seq, frame) pairs durably; raise StorageError."""
+
+    @abc.abstractmethod
+    def _load(self, first: int, last: int, max_bytes: int) -> list[bytes]:
+        """Frames from storage, as ``frames`` describes."""
+
+    @abc.abstractmethod
+    def _first_seq(self) -> int:
+        """Oldest seq held, ``last_seq + 1`` if none."""
+
+    def prune(self) -> int:
+        """One small step of retention; return how many events it removed."""
+        return 0
+
+    @property
+    def degraded(self) -> str | None:
+        """Why the log cannot store events right now, or None."""
+        return None
+
+    def close(self) -> None:
+        """Release the storage."""
+
+    def describe(self) -> str:
+        """Where the log lives, for the start-up log line."""
+        return type(self).__name__
+
+
+class MemoryLog(RoomLog):
+    """Events in memory only (``--db :memory:``): a new epoch every start,
+    and at most ``retain`` events kept for history."""
+
+    def __init__(self, max_frame: int, recent: int, retain: int) -> None:
+        super().__init__(max_frame, max(recent, retain))
+        self.epoch = new_epoch()
+
+    def _store(self, events: list[tuple[int, bytes]]) -> None:
+        pass  # the in-memory ring filled by commit is the storage
+
+    def _load(self, first: int, last: int, max_bytes: int) -> list[bytes]:
+        return []  # everything held is in the ring, which frames() reads
+
+    def _first_seq(self) -> int:
+        return self._recent[0][0] if self._recent else self._last_seq + 1
+
+    def describe(self) -> str:
+        return "memory (nothing is kept across restarts)"

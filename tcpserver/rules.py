@@ -1,0 +1,357 @@
+"""The room's rules, with no sockets in them.
+
+``Room`` is fed what members say (``handle``), that they left (``leave``)
+and the passing of time (``tick``); it answers through a narrow ``Outbox``
+that the server implements: a frame for one client, a reply streamed from
+the log, the room stream, closing.  Room events go to the ``RoomLog``,
+which the server commits once per loop turn before anything is sent.
+
+Handlers raise ``protocol.MessageError`` for a request they refuse; the
+server turns it into an ``error`` frame to that client alone.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ipaddress
+import logging
+import secrets
+import time
+from typing import Protocol
+
+from tcpserver import protocol
+from tcpserver.client_state import Client
+from tcpserver.roomlog import RoomLog, StorageError
+from tcpserver.settings import IPNetwork, Limits
+
+log = logging.getLogger("tcpserver.server")
+
+# Room for the fields around a member list when packing it into frames.
+_MEMBERS_FRAME_SLACK = 512
+# A page of ``who`` when the client names no limit (large rooms only).
+WHO_PAGE = 100
+WHO_PAGE_MAX = 500
+# ``history before``: a screenful by default; 200 bounds one reply.
+BEFORE_DEFAULT = 50
+BEFORE_MAX = 200
+# Presence in a large room: at most this often, and only on a change.
+PRESENCE_INTERVAL = 0.25
+
+
+def now_ms() -> int:
+    """The server's clock for ``ts`` fields: milliseconds since the epoch."""
+    return int(time.time() * 1000)
+
+
+class Outbox(Protocol):
+    """What the room asks of the server (which owns the sockets)."""
+
+    def send(self, client: Client, frame: bytes, reply: bool = False) -> None:
+        """Queue a frame for one client after the room bytes so far.
+        ``reply``: output the client asked for, not counted as backlog."""
+
+    def replay(self, client: Client, first: int, last: int) -> None:
+        """Stream committed events ``first..last`` to the client as it reads."""
+
+    def broadcast(self, frame: bytes) -> None:
+        """A frame for every member now, outside the log (``presence``)."""
+
+    def follow(self, client: Client) -> None:
+        """The client reads the room stream from here on."""
+
+    def leaving(self, client: Client) -> None:
+        """The client gets the room stream up to the events staged so far."""
+
+    def close(self, client: Client) -> None:
+        """Finish sending what is queued, then close."""
+
+    def drop(self, client: Client) -> None:
+        """Close at once (a replaced, stale connection)."""
+
+    def address_admitted(self, client: Client, address: str) -> bool:
+        """Count the client under ``address``; False if that is over the limit."""
+
+
+class Room:
+    """Members, names and the room's commands."""
+
+    def __init__(self, limits: Limits, roomlog: RoomLog, outbox: Outbox,
+                 trusted: tuple[IPNetwork, ...]) -> None:
+        self.limits = limits
+        self.log = roomlog
+        self.out = outbox
+        self.trusted = trusted
+        self.members: dict[str, Client] = {}  # by casefolded name
+        self._names: list[str] = []  # casefolded names, sorted, for paging
+        self._staged_by: list[Client | None] = []  # who staged each event
+        self._presence_sent = (0, 0.0)  # (count, when)
+        self._large_announced = False
+        self._handlers = {
+            "hello": self._on_hello, "say": self._on_say, "private": self._on_private,
+            "who": self._on_who, "history": self._on_history, "ping": self._on_ping,
+            "pong": self._on_pong, "quit": self._on_quit,
+        }
+
+    @property
+    def large(self) -> bool:
+        """Over ``--announce-limit``: no join/leave broadcasts, paged lists."""
+        return len(self.members) > self.limits.announce_limit
+
+    # --- input -----------------------------------------------------------
+
+    def handle(self, client: Client, message: dict) -> None:
+        """Apply one validated client message.  Raises protocol.MessageError
+        (refused) or protocol.LocalProtocolError (the reply cannot fit)."""
+        self._handlers[message["type"]](client, message)
+
+    def leave(self, client: Client, reason: str) -> None:
+        """Take a member out of the room (a no-op for non-members)."""
+        if client.name is None or self.members.get(client.name.casefold()) is not client:
+            return
+        key = client.name.casefold()
+        del self.members[key]
+        del self._names[bisect.bisect_left(self._names, key)]
+        log.info("%s left (%s)", client.label, reason)
+        if len(self.members) < self.limits.announce_limit:  # not large: announce it
+            self._stage({"type": "leave", "member": client.label, "reason": reason,
+                         "ts": now_ms()}, None)
+        self.out.leaving(client)
+
+    def forget_all(self) -> None:
+        """Shutdown: everyone is out at once, announced by ``shutdown``."""
+        for client in self.members.values():
+            log.info("%s left (shutdown)", client.label)
+        self.members.clear()
+        self._names.clear()
+
+    def commit(self) -> list[bytes]:
+        """Commit this turn's events; return their frames for the stream.
+
+        If storage fails the events are not published: each sender of a
+        message is told ``room_unavailable``, and the failure is logged."""
+        staged_by, self._staged_by = self._staged_by, []
+        try:
+            return self.log.commit()
+        except StorageError as exc:
+            log.error("room log: %s; %d events not published", exc, len(staged_by))
+            for sender in staged_by:
+                if sender is not None and not sender.closed:
+                    self._error(sender, "room_unavailable",
+                                "the room cannot store messages right now; send it again later")
+            return []
+
+    def tick(self, now: float) -> None:
+        """Send the member count of a large room, at most every 0.25 s."""
+        count, when = self._presence_sent
+        large = self.large
+        if large or self._large_announced:
+            if (count != len(self.members) or large != self._large_announced) \
+                    and now - when >= PRESENCE_INTERVAL:
+                self._presence_sent = (len(self.members), now)
+                self._large_announced = large
+                self.out.broadcast(self._encode({"type": "presence", "count": len(self.members),
+                                                 "large": large}))
+
+    # --- commands --------------------------------------------------------
+
+    def _on_hello(self, client: Client, message: dict) -> None:
+        if client.name is not None:
+            raise protocol.MessageError("already_joined", "you are already in the room")
+        name = message["name"]
+        protocol.check_name(name)
+        key = name.casefold()
+        held = self.members.get(key)
+        if held is not None and not _same_secret(held.resume, message.get("resume")):
+            raise protocol.MessageError("name_taken", f"the name {name!r} is taken")
+        address = self._client_address(client, message.get("forwarded_for"))
+        if not self.out.address_admitted(client, address):
+            self._error(client, "too_many_connections", f"too many connections from {address}")
+            self.out.close(client)
+            return
+        if held is not None:
+            # The member's own reconnect: its old connection is stale.
+            self.leave(held, "replaced")
+            self.out.drop(held)
+        client.name = name
+        client.label = f"{name}@{address}"
+        client.resume = secrets.token_hex(16)
+        self.members[key] = client
+        bisect.insort(self._names, key)
+        self._welcome(client)
+        log.info("%s joined", client.label)
+        if not self.large:
+            self._stage({"type": "join", "member": client.label, "ts": now_ms()}, None)
+
+    def _welcome(self, client: Client) -> None:
+        # The welcome and replayed history are queued at the current end of
+        # the stream, and the member reads the stream from here: so events
+        # staged this turn, its own join included, follow them, and nothing
+        # is missed or seen twice.
+        large = self.large
+        chunks = [[]] if large else self._member_chunks(self.members.values())
+        count, history = self.log.tail(self.limits.history)
+        self.out.send(client, self._encode({
+            "type": "welcome", "name": client.name, "label": client.label,
+            "epoch": self.log.epoch, "last_seq": self.log.last_seq, "members": chunks[0],
+            "more": len(chunks) > 1, "history": count, "count": len(self.members),
+            "large": large, "resume": client.resume}), reply=True)
+        self._send_chunks(client, chunks[1:])
+        if history:
+            self.out.send(client, history, reply=True)
+        self.out.follow(client)
+
+    def _client_address(self, client: Client, forwarded: str | None) -> str:
+        if forwarded is None:
+            return client.ip
+        # Trust is decided by who is connected, never by an address claimed
+        # in an earlier hello on this connection.
+        peer = ipaddress.ip_address(client.peer_ip)
+        if not any(peer in net for net in self.trusted):
+            log.info("%s: ignored forwarded_for from an untrusted peer", client.peer_ip)
+            return client.ip
+        try:
+            return str(ipaddress.ip_address(forwarded))
+        except ValueError:
+            raise protocol.MessageError("bad_message", "forwarded_for is not an IP address")
+
+    def _on_say(self, client: Client, message: dict) -> None:
+        self._require_member(client)
+        protocol.check_text(message["text"])
+        self._stage({"type": "message", "from": client.label, "text": message["text"],
+                     "ts": now_ms()}, client)
+
+    def _on_private(self, client: Client, message: dict) -> None:
+        self._require_member(client)
+        protocol.check_text(message["text"])
+        name = message["to"].split("@", 1)[0]
+        target = self.members.get(name.casefold())
+        if target is None or (message["to"] != name and message["to"] != target.label):
+            raise protocol.MessageError("no_such_member", f"no one called {message['to']!r}")
+        frame = self._encode({"type": "private", "from": client.label, "to": target.label,
+                              "text": message["text"], "ts": now_ms()})
+        self.out.send(target, frame)
+        if target is not client:
+            self.out.send(client, frame)
+
+    def _on_who(self, client: Client, message: dict) -> None:
+        self._require_member(client)
+        limit = message.get("limit")
+        if limit is None and message.get("prefix") is None and message.get("cursor") is None \
+                and not self.large:
+            return self._send_chunks(client, self._member_chunks(self.members.values()))
+        limit = WHO_PAGE if limit is None else limit
+        if not 1 <= limit <= WHO_PAGE_MAX:
+            raise protocol.MessageError("bad_message", f"who: limit is 1 to {WHO_PAGE_MAX}")
+        prefix = (message.get("prefix") or "").casefold()
+        names = self._names
+        start = bisect.bisect_left(names, prefix)
+        cursor = message.get("cursor")
+        if cursor is not None:
+            start = max(start, bisect.bisect_right(names, cursor))
+        page: list[Client] = []
+        for i in range(start, min(start + limit, len(names))):
+            if not names[i].startswith(prefix):
+                break
+            page.append(self.members[names[i]])
+        end = start + len(page)
+        more = end < len(names) and names[end].startswith(prefix)
+        chunk = self._member_chunks(page)[0]  # a page fits one frame: trim if not
+        if len(chunk) < len(page):
+            more = True
+        reply = {"type": "members", "members": chunk, "more": more, "count": len(self.members)}
+        if more and chunk:
+            reply["cursor"] = names[start + len(chunk) - 1]
+        self.out.send(client, self._encode(reply), reply=True)
+
+    def _on_history(self, client: Client, message: dict) -> None:
+        self._require_member(client)
+        after, before, limit = message.get("after"), message.get("before"), message.get("limit")
+        if (after is None) == (before is None):
+            raise protocol.MessageError("bad_message", "history: give one of after and before")
+        anchor = after if after is not None else before
+        last = self.log.last_seq
+        # before may name last_seq + 1 ("everything up to now").
+        if anchor > last + (before is not None):
+            raise protocol.MessageError(
+                "unknown_seq", f"seq {anchor} was never issued in this room (the last is "
+                f"{last}); your numbers are from another epoch")
+        first_held = self.log.first_seq
+        if after is not None:
+            cap = self.limits.history_replay
+            limit = cap if limit is None else limit
+            if not 1 <= limit <= cap:
+                raise protocol.MessageError("bad_message", f"history: limit is 1 to {cap}")
+            start = max(after + 1, first_held, last - limit + 1)
+            reply = {"type": "history", "after": after, "count": last - start + 1,
+                     "missed": start - (max(after, 0) + 1)}
+            if last < start:
+                reply["count"], reply["missed"] = 0, 0
+            self.out.send(client, self._encode(reply), reply=True)
+            self.out.replay(client, start, last)
+            return
+        limit = BEFORE_DEFAULT if limit is None else limit
+        if not 1 <= limit <= BEFORE_MAX:
+            raise protocol.MessageError("bad_message", f"history: limit is 1 to {BEFORE_MAX}")
+        stop = min(before - 1, last)
+        start = max(first_held, stop - limit + 1, 1)
+        count = max(0, stop - start + 1)
+        self.out.send(client, self._encode({"type": "history", "before": before, "count": count,
+                                            "more": start > first_held}), reply=True)
+        self.out.replay(client, start, stop)
+
+    def _on_ping(self, client: Client, message: dict) -> None:
+        reply = {"type": "pong"}
+        if message.get("token") is not None:
+            reply["token"] = message["token"]
+        degraded = self.log.degraded
+        if degraded is not None:
+            reply["degraded"] = degraded
+        self.out.send(client, self._encode(reply))
+
+    def _on_pong(self, client: Client, message: dict) -> None:
+        """Nothing to answer: receiving it already reset the idle timer."""
+
+    def _on_quit(self, client: Client, message: dict) -> None:
+        self.leave(client, "quit")
+        self.out.close(client)
+
+    # --- helpers -----------------------------------------------------------
+
+    def _stage(self, event: dict, sender: Client | None) -> None:
+        self.log.stage(event)
+        self._staged_by.append(sender)
+
+    def _error(self, client: Client, code: str, message: str) -> None:
+        self.out.send(client, self._encode({"type": "error", "code": code, "message": message}))
+
+    def _encode(self, message: dict) -> bytes:
+        return protocol.encode_frame(message, self.limits.max_frame)
+
+    def _require_member(self, client: Client) -> None:
+        if client.name is None:
+            raise protocol.MessageError("not_joined", "say hello first")
+
+    def _member_chunks(self, members) -> list[list[str]]:
+        """Member labels split so that each list fits in one frame."""
+        budget = self.limits.max_frame - _MEMBERS_FRAME_SLACK
+        chunks: list[list[str]] = [[]]
+        size = 0
+        for member in members:
+            cost = len(member.label.encode()) + 3  # quotes and comma
+            if size + cost > budget and chunks[-1]:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(member.label)
+            size += cost
+        return chunks
+
+    def _send_chunks(self, client: Client, chunks: list[list[str]]) -> None:
+        for i, chunk in enumerate(chunks):
+            self.out.send(client, self._encode(
+                {"type": "members", "members": chunk, "more": i < len(chunks) - 1,
+                 "count": len(self.members)}), reply=True)
+
+
+def _same_secret(expected: str | None, given: str | None) -> bool:
+    return expected is not None and given is not None and secrets.compare_digest(
+        expected.encode(), given.encode())
