@@ -25,6 +25,8 @@ async def serve(config: GatewayConfig) -> int:
             log.error("cannot serve on %s:%d: %s", config.host, config.http_port,
                       exc.strerror or exc)
         return 1
+    log.info("answering to Host: %s (add names with --server-name)",
+             runner.app[app.SERVED].describe())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

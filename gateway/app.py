@@ -12,9 +12,10 @@ from pathlib import Path
 
 import aiohttp_jinja2
 import jinja2
-from aiohttp import web
+from aiohttp import hdrs, web
 
 import gateway
+from gateway import policy
 from gateway.bridge import Bridge
 from gateway.config import GatewayConfig
 from gateway.health import HealthProbe, HealthView
@@ -29,6 +30,11 @@ BRIDGE = web.AppKey("bridge", Bridge)
 PROBE = web.AppKey("probe", HealthProbe)
 TEMPLATES_DIR = web.AppKey("templates_dir", Path)
 STATIC_DIR = web.AppKey("static_dir", Path)
+SERVED = web.AppKey("served", policy.ServedHosts)
+
+# Probed by monitors, which may use any address of the machine; an IP
+# literal in Host cannot be a DNS rebinding, so these accept any.
+MONITOR_PATHS = frozenset({"/health", "/metrics"})
 
 # connect-src 'self' admits same-origin ws:/wss: in current browsers (CSP
 # level 3); the page needs nothing from any other origin.
@@ -65,7 +71,9 @@ def create_app(config: GatewayConfig | None = None) -> web.Application:
         if not directory.is_dir():
             raise FileNotFoundError(f"gateway assets missing: no directory {directory}")
 
-    app = web.Application()
+    # The Host check comes first, so nothing (not even a 404) answers a
+    # request for a name we do not serve.
+    app = web.Application(middlewares=[_check_host])
     metrics = Metrics()
     bridge = Bridge(config, metrics)
     probe = HealthProbe(config)
@@ -75,6 +83,7 @@ def create_app(config: GatewayConfig | None = None) -> web.Application:
     app[PROBE] = probe
     app[TEMPLATES_DIR] = templates_dir
     app[STATIC_DIR] = static_dir
+    app[SERVED] = policy.served_hosts(config.host, config.server_names, config.allowed_origins)
 
     # autoescape is on for every template: names and text are user input.
     aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(templates_dir), autoescape=True)
@@ -90,6 +99,27 @@ def create_app(config: GatewayConfig | None = None) -> web.Application:
     app.on_shutdown.append(bridge.shutdown)
     app.on_cleanup.append(probe.close)
     return app
+
+
+@web.middleware
+async def _check_host(request: web.Request, handler) -> web.StreamResponse:
+    """Refuse a request whose Host we do not serve (``policy.ServedHosts``).
+
+    The defence against DNS rebinding (RFC 6455 §10.2; origins per RFC
+    6454): 403 on ``/ws`` before the upgrade, 421 Misdirected Request
+    (RFC 9110 §15.5.20) for everything else.
+    """
+    host = request.headers.get(hdrs.HOST)
+    if request.app[SERVED].allows(host, any_address=request.path in MONITOR_PATHS):
+        return await handler(request)
+    shown = (host or "")[:100]
+    log.info("refused %s %s for Host %r", request.method, request.path[:100], shown)
+    if request.path == "/ws":
+        raise web.HTTPForbidden(text=f"WebSocket refused: {shown!r} is not a name this "
+                                "gateway serves")
+    raise web.HTTPMisdirectedRequest(
+        text=f"this gateway does not serve {shown!r}; if it should, start it with "
+        "--server-name NAME\n")
 
 
 async def _index(request: web.Request) -> web.Response:

@@ -2,7 +2,8 @@
 
 Refused before the upgrade, so no WebSocket is ever opened for them:
 
-* 403 a foreign Origin (see ``policy.origin_allowed``);
+* 403 a Host the gateway does not serve (``app._check_host``, before this
+  handler runs) or a foreign Origin (see ``policy.origin_allowed``);
 * 429 the address already has ``max_sessions_per_ip`` sessions open (an
   HTTP status says why more plainly than a close right after opening);
 * 503 the gateway is shutting down.
@@ -78,7 +79,7 @@ class Bridge:
             raise web.HTTPForbidden(text="cross-origin WebSocket refused")
         address = policy.client_address(
             request.remote, request.headers.getall(hdrs.X_FORWARDED_FOR, ()),
-            config.trusted_proxies)
+            config.trusted_proxies, request.headers.getall(hdrs.FORWARDED, ()))
         key = address or "unknown"
         if self.per_address[key] >= config.max_sessions_per_ip:
             log.info("refused a WebSocket from %s: %d sessions open", key,

@@ -44,6 +44,10 @@ class GatewayConfig:
     trusted_proxies: tuple[IPNetwork, ...] = ()
     # Extra origins allowed to open /ws, normalised "scheme://host[:port]".
     allowed_origins: frozenset[str] = field(default_factory=frozenset)
+    # Host names (or IP literals) the gateway answers to besides its bind
+    # address and loopback; see policy.ServedHosts.  Normalised by
+    # normalize_server_name.
+    server_names: frozenset[str] = field(default_factory=frozenset)
     max_sessions_per_ip: int = DEFAULT_MAX_SESSIONS_PER_IP
     # Largest WebSocket message accepted: the chat server's frame limit, so
     # anything the browser may send also fits in one frame.
@@ -77,6 +81,32 @@ def normalize_origin(origin: str) -> str:
     return f"{url.scheme}://{netloc}".lower()
 
 
+def normalize_server_name(name: str) -> str:
+    """Return ``name`` as the gateway compares it with a Host header.
+
+    A DNS name comes back lower-case ASCII (IDNA, as browsers send it)
+    without a trailing dot; an IP literal (IPv6 with or without brackets)
+    in ``ipaddress``'s canonical form.  Raises ValueError for a name with a
+    port, a scheme or characters a host name cannot hold.
+    """
+    text = name.strip()
+    bare = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    try:
+        return str(ipaddress.ip_address(bare))
+    except ValueError:
+        pass
+    try:
+        ascii_name = text.encode("idna").decode("ascii").lower().rstrip(".")
+    except UnicodeError:
+        raise ValueError(f"--server-name {name!r} is not a host name") from None
+    labels = ascii_name.split(".")
+    if not ascii_name or not all(label and all(c.isalnum() or c in "-_" for c in label)
+                                 for label in labels):
+        raise ValueError(f"--server-name {name!r} is not a host name "
+                         "(give the name alone, without scheme or port)")
+    return ascii_name
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.Parser(
         prog="python -m gateway",
@@ -92,11 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--chat-port", type=cli.port, default=10000,
                         help="chat server port (default 10000)")
     parser.add_argument("--trusted-proxy", action="append", default=[], metavar="CIDR",
-                        help="reverse proxy whose X-Forwarded-For is believed; "
+                        help="reverse proxy whose X-Forwarded-For or Forwarded is believed; "
                         "repeatable (default: none)")
     parser.add_argument("--allowed-origin", action="append", default=[], metavar="URL",
                         help="another origin allowed to open /ws, e.g. "
                         "https://chat.example.com; repeatable (default: same host only)")
+    parser.add_argument("--server-name", action="append", default=[], metavar="NAME",
+                        help="a host name (or address) browsers use to reach the gateway, "
+                        "e.g. chat.example.com; repeatable.  Requests for other names "
+                        "are refused (DNS-rebinding guard).  Always served: the --host "
+                        "address, localhost, loopback addresses, --allowed-origin hosts, "
+                        "and any address when --host is 0.0.0.0 or ::")
     parser.add_argument("--max-sessions-per-ip", type=int,
                         default=DEFAULT_MAX_SESSIONS_PER_IP,
                         help=f"concurrent sessions per client address "
@@ -115,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     """Build a GatewayConfig from parsed options.
 
-    Raises ValueError for a bad CIDR, origin or limit.
+    Raises ValueError for a bad CIDR, origin, server name or limit.
     """
     for option in ("max_sessions_per_ip", "max_frame", "queue_size"):
         if getattr(args, option) <= 0:
@@ -131,6 +167,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         trusted_proxies=tuple(ipaddress.ip_network(c, strict=False)
                               for c in args.trusted_proxy),
         allowed_origins=frozenset(normalize_origin(o) for o in args.allowed_origin),
+        server_names=frozenset(normalize_server_name(n) for n in args.server_name),
         max_sessions_per_ip=args.max_sessions_per_ip,
         max_frame=args.max_frame,
         queue_size=args.queue_size,

@@ -17,7 +17,7 @@ from conftest import RawClient
 
 import gateway
 from gateway.app import BRIDGE, METRICS, PROBE, SECURITY_HEADERS, create_app
-from gateway.config import GatewayConfig
+from gateway.config import GatewayConfig, build_parser, config_from_args
 from tcpserver import protocol
 
 pytestmark = pytest.mark.asyncio
@@ -139,6 +139,53 @@ async def test_forwarded_claims_ignored_without_trusted_proxies(gateway_client, 
     async with client.ws_connect("/ws", headers={"X-Forwarded-For": "6.6.6.7"}) as ws:
         await ws.send_json({"type": "hello", "name": "web", "forwarded_for": "6.6.6.6"})
         assert (await recv_json(ws))["label"] == "web@127.0.0.1"
+
+
+@pytest.mark.parametrize("headers, label", [
+    # Issue 6 item 5: entries with a port were ignored (labelled @127.0.0.1).
+    ({"X-Forwarded-For": "203.0.113.1:51001"}, "web@203.0.113.1"),
+    ({"X-Forwarded-For": "[2001:db8::2]:51002"}, "web@2001:db8::2"),
+    ({"X-Forwarded-For": "6.6.6.6, 203.0.113.1:51001, 127.0.0.5:80"}, "web@203.0.113.1"),
+    # RFC 7239 Forwarded, sent alone by some proxies.
+    ({"Forwarded": 'for="[2001:db8::2]:51002";proto=http'}, "web@2001:db8::2"),
+    ({"Forwarded": "for=6.6.6.6, for=203.0.113.3"}, "web@203.0.113.3"),
+    # Both: X-Forwarded-For wins (the client may have written Forwarded).
+    ({"X-Forwarded-For": "203.0.113.4", "Forwarded": "for=6.6.6.6"}, "web@203.0.113.4"),
+    # A proxy that hides its client: counted under the proxy.
+    ({"Forwarded": "for=unknown"}, "web@127.0.0.1"),
+])
+async def test_forwarded_addresses_with_ports_and_rfc7239(gateway_client, server,
+                                                          headers, label):
+    client = await gateway_client(server.port, trusted_proxies=LOOPBACK)
+    async with client.ws_connect("/ws", headers=headers) as ws:
+        assert (await join(ws, "web"))["label"] == label
+
+
+async def test_distinct_ported_addresses_are_not_one_address(gateway_client, server):
+    # Before the fix every such user counted as 127.0.0.1 and the 9th got 429.
+    client = await gateway_client(server.port, trusted_proxies=LOOPBACK)
+    sockets = []
+    try:
+        for i in range(10):
+            ws = await client.ws_connect(
+                "/ws", headers={"X-Forwarded-For": f"203.0.113.{i + 1}:{51000 + i}"})
+            sockets.append(ws)
+            assert (await join(ws, f"user{i}"))["label"] == f"user{i}@203.0.113.{i + 1}"
+    finally:
+        for ws in sockets:
+            await ws.close()
+
+
+@pytest.mark.parametrize("headers", [
+    {"X-Forwarded-For": "203.0.113.1:51001"},
+    {"Forwarded": 'for="[2001:db8::2]:51002"'},
+])
+async def test_forwarded_headers_from_untrusted_peers_are_ignored(gateway_client, server,
+                                                                  headers):
+    client = await gateway_client(server.port, trusted_proxies=(
+        ipaddress.ip_network("10.0.0.0/8"),))
+    async with client.ws_connect("/ws", headers=headers) as ws:
+        assert (await join(ws, "web"))["label"] == "web@127.0.0.1"
 
 
 async def test_retry_after_name_taken_keeps_the_real_address(gateway_client, server, member):
@@ -453,6 +500,106 @@ async def test_allowed_origin_option(gateway_client, server):
     with pytest.raises(aiohttp.WSServerHandshakeError) as info:
         await client.ws_connect("/ws", headers={"Origin": "https://other.example.org"})
     assert info.value.status == 403
+
+
+REBIND = "rebind.attacker.example"
+
+
+def same_origin(host: str) -> dict[str, str]:
+    """Headers of a browser whose page was loaded from ``http://host``."""
+    return {"Host": host, "Origin": f"http://{host}"}
+
+
+async def test_dns_rebinding_websocket_is_refused_403_before_upgrade(gateway_client, server):
+    # Issue 6 item 3: the attacker's page is same-origin to the browser, so
+    # its Origin equals its Host; the old gateway answered 101 and let it in.
+    client = await gateway_client(server.port)
+    for host in (f"{REBIND}:{client.port}", REBIND, f"localhost.{REBIND}:{client.port}"):
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            await client.ws_connect("/ws", headers=same_origin(host))
+        assert info.value.status == 403, host
+        for name, value in SECURITY_HEADERS.items():
+            assert info.value.headers.get(name) == value
+    assert client.server.app[BRIDGE].session_count == 0
+    assert "connect from" not in server.log_text()  # nothing reached the room
+
+
+async def test_dns_rebinding_pages_get_421(gateway_client, server):
+    client = await gateway_client(server.port)
+    for path in ("/", "/static/chat.js", "/no-such-page", "/health", "/metrics", "/ws"):
+        response = await client.get(path, headers={"Host": f"{REBIND}:{client.port}"})
+        assert response.status == (403 if path == "/ws" else 421), path
+        if path != "/ws":
+            assert "--server-name" in await response.text()
+            assert response.headers["X-Content-Type-Options"] == "nosniff"
+    page = await client.get("/", headers={"Host": f"{REBIND}:{client.port}"})
+    assert "<html" not in (await page.text()).lower()  # not the chat page
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::1]", "127.0.0.2", "localhost."])
+async def test_loopback_names_are_served(gateway_client, server, host):
+    client = await gateway_client(server.port)
+    host = f"{host}:{client.port}"
+    assert (await client.get("/", headers={"Host": host})).status == 200
+    assert (await client.get("/static/chat.css", headers={"Host": host})).status == 200
+    async with client.ws_connect("/ws", headers=same_origin(host)) as ws:
+        await join(ws, "local")
+
+
+async def test_server_name_option(gateway_client, server, aiohttp_client):
+    config = config_from_args(build_parser().parse_args(
+        [f"--chat-port={server.port}", "--server-name", "Chat.Example.org",
+         "--server-name", "192.0.2.44"]))
+    client = await aiohttp_client(create_app(config))
+    for name in ("chat.example.org", "192.0.2.44"):
+        host = f"{name}:{client.port}"
+        assert (await client.get("/", headers={"Host": host})).status == 200
+        async with client.ws_connect("/ws", headers=same_origin(host)) as ws:
+            await join(ws, "named" + name[-1])
+    # Only the names given: neighbours and the old rebinding name stay out.
+    for name in ("example.org", "evil.chat.example.org", REBIND, "192.0.2.45"):
+        host = f"{name}:{client.port}"
+        assert (await client.get("/", headers={"Host": host})).status == 421, name
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            await client.ws_connect("/ws", headers=same_origin(host))
+        assert info.value.status == 403
+
+
+async def test_allowed_origin_hosts_are_served(gateway_client, server):
+    # Behind a proxy at https://chat.example.org that passes the Host on.
+    client = await gateway_client(server.port,
+                                  allowed_origins=frozenset({"https://chat.example.org"}))
+    headers = {"Host": "chat.example.org", "Origin": "https://chat.example.org"}
+    assert (await client.get("/", headers={"Host": "chat.example.org"})).status == 200
+    async with client.ws_connect("/ws", headers=headers) as ws:
+        await join(ws, "proxied")
+
+
+async def test_wildcard_bind_serves_any_address_but_not_unlisted_names(gateway_client, server):
+    client = await gateway_client(server.port, host="0.0.0.0")
+    for address in ("192.0.2.10", "[2001:db8::10]"):
+        host = f"{address}:{client.port}"  # a user who typed the machine's IP
+        assert (await client.get("/", headers={"Host": host})).status == 200
+        async with client.ws_connect("/ws", headers=same_origin(host)) as ws:
+            await join(ws, "lan")
+    assert (await client.get("/", headers={"Host": REBIND})).status == 421
+    with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+        await client.ws_connect("/ws", headers=same_origin(REBIND))
+    assert info.value.status == 403
+
+
+async def test_monitors_may_probe_by_any_address(gateway_client, server):
+    client = await gateway_client(server.port)  # bound to loopback
+    for host in ("127.0.0.1", f"127.0.0.1:{client.port}", "[::1]", "192.0.2.9:80", None):
+        headers = {"Host": host} if host else {}
+        skip = () if host else ("Host",)
+        health = await client.get("/health", headers=headers, skip_auto_headers=skip)
+        assert health.status == 200, host
+        metrics = await client.get("/metrics", headers=headers, skip_auto_headers=skip)
+        assert metrics.status == 200, host
+    # The page by a foreign address is still refused: only a rebinding
+    # needs a name, but the page has no reason to answer for every address.
+    assert (await client.get("/", headers={"Host": "192.0.2.9"})).status == 421
 
 
 async def test_sessions_per_address_are_capped_429(gateway_client, server):
