@@ -402,13 +402,20 @@ def test_command_line_defaults():
 
 @pytest.mark.parametrize("argv", [
     ["--trusted-proxy", "10.0.0.0/33"], ["--allowed-origin", "null"],
-    ["--max-sessions-per-ip", "0"], ["--queue-size", "-1"], ["--http-port", "70000"],
+    ["--max-sessions-per-ip", "0"], ["--queue-size", "-1"],
     ["--server-name", "chat.example.com:443"], ["--server-name", "https://chat.example.com"],
     ["--server-name", ""], ["--server-name", "a..b"], ["--server-name", "a b"],
 ])
 def test_command_line_errors(argv):
     with pytest.raises(ValueError):
         config_from_args(build_parser().parse_args(argv))
+
+
+def test_out_of_range_port_is_a_usage_error():
+    # argparse itself refuses it (exit 2, one line), before any config exists.
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["--http-port", "70000"])
+    assert info.value.code == 2
 
 
 @pytest.mark.parametrize("name, expected", [
