@@ -54,6 +54,14 @@
     shutting_down: "The server is shutting down."
   };
 
+  // WebSocket close codes from the gateway (RFC 6455 section 7.4.1, README):
+  // 1012 the chat server shut down in order after a `shutdown` notice and
+  // will be back; 1011 the chat server was lost without a word (a crash) or
+  // cannot be reached.  Both are worth reconnecting for; the user is told
+  // which one happened.
+  var CLOSE_RESTART = 1012;
+  var CLOSE_LOST_SERVER = 1011;
+
   var STATUS_TEXT = {
     connecting: "Connecting\u2026",
     connected: "Connected",
@@ -101,6 +109,7 @@
     catchup: null,       // {after, remaining, timer} while a history reply is due
     pending: new Map(),  // seq -> event held back until the gap before it fills
     pinned: true,        // the transcript is scrolled to its end: keep it there
+    lostCode: null,      // close code of the socket whose loss began this reconnect
     attempt: 0,
     reconnectTimer: 0,
     helloTimer: 0,
@@ -543,7 +552,8 @@
   function connect() {
     window.clearTimeout(state.reconnectTimer);
     window.clearTimeout(state.helloTimer);
-    setStatus(state.everJoined ? "reconnecting" : "connecting");
+    setStatus(state.everJoined ? "reconnecting" : "connecting",
+              state.everJoined ? reconnectDetail() : "");
     var ws;
     try {
       ws = new WebSocket(wsUrl());
@@ -632,20 +642,51 @@
     }
     setMembersStale(true);
     if (state.attempt === 0) {
-      notice("Connection lost" + (reason ? ": " + reason : "") + ". Reconnecting\u2026", "warning");
+      // Later attempts fail with 1011 while a restarting server is down;
+      // the status keeps saying why the page first lost it.
+      state.lostCode = code;
+      lostNotice(code, reason);
     }
     scheduleReconnect();
+  }
+
+  // Said once when a joined page loses its socket: an orderly restart, a
+  // lost chat server and a dropped link read differently.
+  function lostNotice(code, reason) {
+    var text;
+    var kind;
+    if (code === CLOSE_RESTART) {
+      text = "The chat server is restarting. You will be reconnected when it is back\u2026";
+      kind = "restart";
+    } else if (code === CLOSE_LOST_SERVER) {
+      text = "Lost the chat server: it stopped without notice. Reconnecting\u2026";
+      kind = "lost";
+    } else {
+      text = "Connection lost" + (reason ? ": " + reason : "") + ". Reconnecting\u2026";
+      kind = "dropped";
+    }
+    notice(text, "warning connection-" + kind);
   }
 
   function closeText(code, reason) {
     if (ERROR_TEXT[reason]) {
       return ERROR_TEXT[reason];
     }
+    if (code === CLOSE_RESTART) {
+      return "The chat server is restarting. Try again in a moment.";
+    }
+    if (code === CLOSE_LOST_SERVER) {
+      return "The chat server is unreachable. Try again later.";
+    }
     if (reason) {
       return "Could not join: " + reason;
     }
-    return code === 1011 ? "The chat server is unreachable. Try again later."
-      : "Could not reach the chat server. Try again later.";
+    return "Could not reach the chat server. Try again later.";
+  }
+
+  function reconnectDetail() {
+    return state.lostCode === CLOSE_RESTART ? "\u2014 the server is restarting"
+      : state.lostCode === CLOSE_LOST_SERVER ? "\u2014 the chat server is unreachable" : "";
   }
 
   function scheduleReconnect() {
@@ -657,7 +698,7 @@
     var window_ = Math.min(BACKOFF_CAP_MS, BACKOFF_BASE_MS * Math.pow(2, state.attempt));
     var delay = window_ / 2 + Math.random() * window_ / 2;
     state.attempt += 1;
-    setStatus("reconnecting");
+    setStatus("reconnecting", reconnectDetail());
     state.reconnectTimer = window.setTimeout(connect, delay);
   }
 
