@@ -43,7 +43,7 @@ class RoomHarness:
     # --- rules.Outbox ----------------------------------------------------
 
     def send(self, client: Client, frame: bytes, reply: bool = False) -> None:
-        self.sent.append((client, bytes(frame), reply))
+        self.sent.append((client, frame, reply))
 
     def replay(self, client: Client, first: int, last: int) -> None:
         self.replays.append((client, first, last))

@@ -365,3 +365,51 @@ def test_member_lists_use_the_whole_of_a_large_max_frame():
         assert max(size for size, _ in frames) > protocol.MAX_FRAME_SIZE
     finally:
         harness.shutdown()
+
+
+def test_resume_token_takes_a_name_back_and_a_wrong_one_does_not(connect):
+    alice = connect()
+    alice.send({"type": "hello", "name": "alice"})
+    token = alice.recv_type("welcome")["resume"]
+    bob = connect("bob")
+    # alice's link dies silently: the server still holds her old connection.
+    thief = connect()
+    thief.send({"type": "hello", "name": "alice", "resume": "f" * 32})
+    assert thief.recv_type("error")["code"] == "name_taken"
+    again = connect()
+    again.send({"type": "hello", "name": "alice", "resume": token})
+    welcome = again.recv_type("welcome")
+    assert welcome["label"] == "alice@127.0.0.1" and welcome["resume"] != token
+    assert alice.closed_by_server()
+    leave = bob.recv_type("leave")
+    assert (leave["member"], leave["reason"]) == ("alice@127.0.0.1", "replaced")
+    assert bob.recv_type("join")["member"] == "alice@127.0.0.1"
+    again.send({"type": "say", "text": "back"})
+    assert bob.recv_type("message")["text"] == "back"
+
+
+def test_a_large_room_counts_instead_of_announcing(start_server, open_client):
+    server = start_server("--announce-limit=3")
+    first = [open_client(server.port, f"m{i}") for i in range(3)]
+    big = open_client(server.port)
+    big.send({"type": "hello", "name": "m3"})
+    welcome = big.recv_type("welcome")
+    assert (welcome["large"], welcome["members"], welcome["count"]) == (True, [], 4)
+    presence = first[0].recv_type("presence")
+    assert presence == {"type": "presence", "count": 4, "large": True}
+    big.send({"type": "who", "limit": 2})
+    page = big.recv_type("members")
+    assert (page["members"], page["more"], page["count"]) == (
+        ["m0@127.0.0.1", "m1@127.0.0.1"], True, 4)
+    big.send({"type": "who", "limit": 2, "cursor": page["cursor"]})
+    assert big.recv_type("members")["members"] == ["m2@127.0.0.1", "m3@127.0.0.1"]
+    big.send({"type": "quit"})
+    assert first[0].recv_type("presence") == {"type": "presence", "count": 3, "large": False}
+    first[2].send({"type": "quit"})  # small again: announced
+    leave = first[0].recv_type("leave")
+    assert leave["member"] == "m2@127.0.0.1"
+    # No join or leave of the large phase was broadcast.
+    first[1].send({"type": "say", "text": "marker"})
+    _, seen = first[1].recv_until(lambda m: m.get("text") == "marker")
+    assert [(m["type"], m["member"]) for m in seen if m["type"] in ("join", "leave")] == [
+        ("join", "m2@127.0.0.1"), ("leave", "m2@127.0.0.1")]

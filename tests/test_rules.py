@@ -1,0 +1,202 @@
+"""The room's rules with no sockets: rules.Room driven through RoomHarness."""
+
+from __future__ import annotations
+
+import pytest
+from room_harness import RoomHarness
+
+from tcpserver import protocol
+
+
+@pytest.fixture
+def harness():
+    made = []
+
+    def make(**limits) -> RoomHarness:
+        made.append(RoomHarness(**limits))
+        return made[-1]
+
+    yield make
+    for h in made:
+        h.shutdown()
+
+
+def welcome_of(h: RoomHarness, client) -> dict:
+    return next(m for m in h.messages_for(client) if m["type"] == "welcome")
+
+
+def test_resume_token_takes_the_name_back_from_a_stale_connection(harness):
+    h = harness()
+    old = h.join("alice")
+    token = welcome_of(h, old)["resume"]
+    assert len(token) == 32
+    new = h.join("alice", resume=token)
+    assert h.dropped == [old]
+    assert h.room.members["alice"] is new
+    events = [(m["type"], m.get("reason")) for m in h.stream_messages()]
+    assert events[-2:] == [("leave", "replaced"), ("join", None)]
+    # The new connection has a new secret; the old one no longer works.
+    assert welcome_of(h, new)["resume"] != token
+    third = h.connect()
+    with pytest.raises(protocol.MessageError) as refused:
+        h.room.handle(third, {"type": "hello", "name": "alice", "resume": token})
+    assert refused.value.code == "name_taken"
+
+
+@pytest.mark.parametrize("token", [None, "", "0" * 32, "not even hex"])
+def test_a_wrong_resume_token_is_name_taken(harness, token):
+    h = harness()
+    alice = h.join("alice")
+    intruder = h.connect()
+    hello = {"type": "hello", "name": "ALICE"}
+    if token is not None:
+        hello["resume"] = token
+    with pytest.raises(protocol.MessageError) as refused:
+        h.room.handle(intruder, hello)
+    assert refused.value.code == "name_taken"
+    assert h.room.members["alice"] is alice and h.dropped == []
+
+
+def test_a_burst_of_joins_shares_one_replay_blob(harness):
+    h = harness(history=50)
+    speaker = h.join("speaker")
+    for i in range(60):
+        h.room.handle(speaker, {"type": "say", "text": f"m{i}"})
+    h.commit()
+    h.sent.clear()
+    joiners = [h.connect() for _ in range(20)]
+    for i, client in enumerate(joiners):
+        h.room.handle(client, {"type": "hello", "name": f"j{i}"})
+    blobs = [frame for client, frame, reply in h.sent if reply and len(frame) > 1000]
+    assert len(blobs) == 20
+    # Joined once for the burst: the same object is queued for every joiner.
+    assert all(blob is blobs[0] for blob in blobs)
+    decoder = protocol.FrameDecoder()
+    decoder.receive_data(blobs[0])
+    replayed = [protocol.parse_server_message(p) for p in iter(decoder.next_payload, None)]
+    assert [m["text"] for m in replayed] == [f"m{i}" for i in range(10, 60)]
+
+
+def test_history_after_before_and_unknown_seq(harness):
+    h = harness(history=5)
+    alice = h.join("alice")  # seq 1 is alice's join
+    for i in range(30):
+        h.room.handle(alice, {"type": "say", "text": f"m{i}"})
+    h.commit()
+    last = h.log.last_seq
+    assert last == 31
+    h.sent.clear()
+    h.room.handle(alice, {"type": "history", "after": 10})
+    assert h.messages_for(alice)[-1] == {"type": "history", "after": 10, "count": 21,
+                                         "missed": 0}
+    assert h.replays[-1][1:] == (11, 31)
+    h.room.handle(alice, {"type": "history", "after": 10, "limit": 5})
+    assert h.messages_for(alice)[-1] == {"type": "history", "after": 10, "count": 5,
+                                         "missed": 16}
+    assert h.replays[-1][1:] == (27, 31)
+    h.room.handle(alice, {"type": "history", "before": 12, "limit": 4})
+    assert h.messages_for(alice)[-1] == {"type": "history", "before": 12, "count": 4,
+                                         "more": True}
+    assert h.replays[-1][1:] == (8, 11)
+    h.room.handle(alice, {"type": "history", "before": 3, "limit": 50})
+    assert h.messages_for(alice)[-1] == {"type": "history", "before": 3, "count": 2,
+                                         "more": False}
+    # The frames streamed are the original ones, whether from memory or not.
+    assert [protocol.parse_server_message(f[4:])["seq"] for f in h.log.frames(8, 11, 1 << 20)] \
+        == [8, 9, 10, 11]
+    for bad in ({"after": last + 1}, {"before": last + 2}):
+        with pytest.raises(protocol.MessageError) as refused:
+            h.room.handle(alice, {"type": "history", **bad})
+        assert refused.value.code == "unknown_seq"
+        assert "another epoch" in refused.value.message
+    for bad in ({}, {"after": 1, "before": 5}, {"before": 5, "limit": 0},
+                {"before": 5, "limit": 201}, {"after": 1, "limit": 1001}):
+        with pytest.raises(protocol.MessageError) as refused:
+            h.room.handle(alice, {"type": "history", **bad})
+        assert refused.value.code == "bad_message"
+
+
+def test_small_room_behaves_as_before(harness):
+    h = harness(announce_limit=5)
+    clients = [h.join(f"m{i}") for i in range(5)]
+    assert not h.room.large
+    types = [m["type"] for m in h.stream_messages()]
+    assert types == ["join"] * 5
+    welcome = welcome_of(h, clients[-1])
+    assert welcome["large"] is False and welcome["count"] == 5
+    assert len(welcome["members"]) == 5
+
+
+def test_crossing_the_announce_limit_both_ways(harness):
+    h = harness(announce_limit=3)
+    clients = [h.join(f"m{i}") for i in range(3)]
+    h.room.tick(100.0)
+    assert [m["type"] for m in h.stream_messages()] == ["join"] * 3  # no presence yet
+    big = h.join("m3")  # the 4th member makes it large: no join broadcast
+    assert h.room.large
+    assert [m["type"] for m in h.stream_messages()] == ["join"] * 3
+    welcome = welcome_of(h, big)
+    assert (welcome["large"], welcome["members"], welcome["count"]) == (True, [], 4)
+    h.room.tick(101.0)
+    assert h.stream_messages()[-1] == {"type": "presence", "count": 4, "large": True}
+    h.room.tick(101.1)  # nothing changed: nothing sent
+    assert len(h.stream_messages()) == 4
+    h.join("m4")
+    h.room.tick(101.2)  # changed, but within the 0.25 s interval
+    assert len(h.stream_messages()) == 4
+    h.room.tick(101.3)
+    assert h.stream_messages()[-1] == {"type": "presence", "count": 5, "large": True}
+    # Leaves while large are counted, not announced, down to the limit.
+    h.room.leave(big, "quit")
+    h.room.leave(clients[0], "quit")
+    h.commit()
+    assert [m["type"] for m in h.stream_messages()].count("leave") == 0
+    h.room.tick(102.0)
+    assert h.stream_messages()[-1] == {"type": "presence", "count": 3, "large": False}
+    h.room.leave(clients[1], "hung_up")  # small again: announced
+    h.commit()
+    assert h.stream_messages()[-1]["type"] == "leave"
+
+
+def test_who_pages_with_cursor_and_prefix(harness):
+    h = harness(announce_limit=10)
+    names = [f"user{i:02d}" for i in range(30)] + ["Carol", "carl", "Caroline"]
+    clients = [h.join(name) for name in names]
+    asker = clients[0]
+
+    def page(**who) -> dict:
+        h.sent.clear()
+        h.room.handle(asker, {"type": "who", **who})
+        (reply,) = h.messages_for(asker)
+        return reply
+
+    first = page()  # a large room pages (100 by default) even without a limit
+    assert (first["count"], len(first["members"]), first["more"]) == (33, 33, False)
+    seen, cursor = [], None
+    while True:
+        reply = page(limit=7, **({"cursor": cursor} if cursor else {}))
+        seen += reply["members"]
+        if not reply["more"]:
+            assert "cursor" not in reply
+            break
+        cursor = reply["cursor"]
+    assert [label.split("@")[0] for label in seen] == sorted(names, key=str.casefold)
+    found = page(prefix="CAR", limit=2)
+    assert [label.split("@")[0] for label in found["members"]] == ["carl", "Carol"]
+    assert found["more"] is True
+    rest = page(prefix="car", limit=2, cursor=found["cursor"])
+    assert ([label.split("@")[0] for label in rest["members"]], rest["more"]) == (["Caroline"],
+                                                                                False)
+    assert page(prefix="zz", limit=5) == {"type": "members", "members": [], "more": False,
+                                          "count": 33}
+    with pytest.raises(protocol.MessageError):
+        page(limit=501)
+
+
+def test_private_message_reaches_a_member_of_a_large_room(harness):
+    h = harness(announce_limit=2)
+    clients = [h.join(f"m{i}") for i in range(5)]
+    h.sent.clear()
+    h.room.handle(clients[0], {"type": "private", "to": "M4", "text": "found you"})
+    assert h.messages_for(clients[4])[0]["text"] == "found you"
+    assert h.messages_for(clients[0])[0]["to"] == "m4@127.0.0.1"
