@@ -67,6 +67,11 @@ class HealthProbe:
             self._result = task.result()
             self._checked_at = time.monotonic()
 
+    def forget(self) -> None:
+        """Drop the cached result: the next check probes afresh.  The
+        launcher calls it when its server dies, so /health says so at once."""
+        self._result = None
+
     async def close(self, app: web.Application | None = None) -> None:
         """on_cleanup: cancel a probe still in flight."""
         task = self._inflight

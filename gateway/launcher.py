@@ -1,15 +1,27 @@
 """``chatroom`` with no --name: the chat server as a child process, the
-gateway in this one, started and stopped together.
+gateway in this one, started and stopped together; the room stays up.
 
 Start-up order: the server first (its ``listening on HOST:PORT`` line gives
-the real port, so ``--port 0`` works), then the gateway pointed at it.
-Ctrl-C or SIGTERM forwards SIGTERM to the server, so browsers receive its
-``shutdown`` notice and a 1012 close, then stops the gateway; exit 0.
+the real port, so ``--port 0`` works), then the gateway pointed at it.  If
+either cannot start, the reason is one line and the exit status 1.
+
+A server that dies unexpectedly (killed, or a non-zero exit) is restarted
+on the same port after a back-off (``RestartPolicy``: 0.5 s doubling to
+30 s, back to 0.5 s once a server has stayed up for a minute).  The gateway
+keeps serving meanwhile; its ``/health`` is 503 until the new server
+answers.  Five deaths within 60 s is a crash loop: one line, exit 1.  A
+server that exits 0 was stopped on purpose (e.g. SIGTERM sent to it alone):
+the gateway stops with it, exit 0.
+
+Ctrl-C or SIGTERM sends SIGTERM to the server, so every member gets its
+``shutdown`` notice (browsers then a 1012 close), then stops the gateway;
+exit 0.  (A server that dies closes browsers' sessions with 1011.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ctypes
 import errno
@@ -17,9 +29,12 @@ import logging
 import re
 import signal
 import sys
+import time
+from collections.abc import Awaitable, Callable
 
 from gateway import app
 from gateway.config import GatewayConfig
+from gateway.health import HealthProbe
 from tcpserver import protocol
 
 log = logging.getLogger(__name__)
@@ -31,9 +46,51 @@ START_TIMEOUT = 10.0
 # The server's default shutdown grace is 5 s; after twice that it is stuck.
 STOP_TIMEOUT = 10.0
 
+# Restart back-off, as systemd and supervisord do it: quick for a one-off
+# crash, doubling so a server that keeps dying does not spin the machine,
+# capped so a room that comes back is not left down for long.
+FIRST_DELAY = 0.5
+MAX_DELAY = 30.0
+# Up this long, a server is healthy: its next death starts the back-off anew.
+STABLE_AFTER = 60.0
+# This many deaths within the window is a fault a restart will not fix
+# (a corrupt database, a port taken by another program): give up and say so.
+CRASH_LOOP_DEATHS = 5
+CRASH_LOOP_WINDOW = 60.0
 
 # From <linux/prctl.h>: ask for a signal when the parent process dies.
 PR_SET_PDEATHSIG = 1
+
+
+class RestartPolicy:
+    """When to restart a dead server.  No clock of its own: fed times, so
+    the rules are tested without waiting."""
+
+    def __init__(self, first: float = FIRST_DELAY, ceiling: float = MAX_DELAY,
+                 stable_after: float = STABLE_AFTER, deaths: int = CRASH_LOOP_DEATHS,
+                 window: float = CRASH_LOOP_WINDOW) -> None:
+        self.first, self.ceiling, self.stable_after = first, ceiling, stable_after
+        self.deaths, self.window = deaths, window
+        self._recent: collections.deque[float] = collections.deque()
+        self._next = first
+
+    def died(self, at: float, uptime: float) -> float | None:
+        """Record a death at ``at`` (monotonic seconds) of a server that was up
+        ``uptime`` seconds (0 if it never started listening).
+
+        Returns the seconds to wait before restarting it, or None for a
+        crash loop (``deaths`` deaths within ``window`` seconds): give up.
+        """
+        self._recent.append(at)
+        while at - self._recent[0] >= self.window:
+            self._recent.popleft()
+        if len(self._recent) >= self.deaths:
+            return None
+        if uptime >= self.stable_after:
+            self._next = self.first
+        delay = self._next
+        self._next = min(self._next * 2, self.ceiling)
+        return delay
 
 
 def _die_with_parent() -> None:
@@ -45,13 +102,114 @@ def _die_with_parent() -> None:
         pass  # not Linux: a killed launcher leaves the server to be stopped by hand
 
 
+class _Server:
+    """One chat server child: its process, log pump and start-up state."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.output: list[bytes] = []  # its log until it listens, for start errors
+        self.listening: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.listening_at = 0.0
+        self.pump = asyncio.create_task(self._pump())
+        self.exited = asyncio.create_task(proc.wait())
+
+    @classmethod
+    async def spawn(cls, host: str, port: int, log_level: str,
+                    server_args: list[str]) -> _Server:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tcpserver", "--name=server", f"--host={host}",
+            f"--port={port}", f"--log-level={log_level}", *server_args,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT, preexec_fn=_die_with_parent)
+        log.info("the chat server started as pid %d", proc.pid)
+        return cls(proc)
+
+    async def start(self, stopping: asyncio.Task) -> str:
+        """Wait until it listens; return "listening", "exited", "stopping"
+        (``stopping`` finished first) or "timeout"."""
+        await asyncio.wait({self.listening, self.exited, stopping}, timeout=START_TIMEOUT,
+                           return_when=asyncio.FIRST_COMPLETED)
+        if self.listening.done():
+            self.listening_at = time.monotonic()
+            return "listening"
+        if self.exited.done():
+            await self.pump  # collect its last words
+            return "exited"
+        return "stopping" if stopping.done() else "timeout"
+
+    def start_failure(self, port: int) -> str:
+        """Why it exited before listening, in a few words (its last log line)."""
+        text = b"".join(self.output).decode(errors="replace")
+        if "address already in use" in text.lower():
+            return f"chat port {port} is busy"
+        code = self.proc.returncode
+        if code is not None and code < 0:  # killed: its last line is not why
+            return _death(code)
+        lines = [line for line in text.splitlines() if line.strip()]
+        return lines[-1] if lines else f"{_death(code or 0)}, no output"
+
+    async def stop(self, failed: bool) -> int:
+        """SIGTERM it and wait; return 1 if ``failed``, if it exits with an
+        error code or must be killed, else 0."""
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.terminate()
+        try:
+            code = await asyncio.wait_for(asyncio.shield(self.exited), STOP_TIMEOUT)
+        except asyncio.TimeoutError:
+            log.error("the chat server did not stop within %g s; killing it", STOP_TIMEOUT)
+            await self.kill()
+            return 1
+        # Dying of the SIGTERM we sent is a stop too: the server restores the
+        # default handler as it finishes, so a Ctrl-C that reached it first
+        # leaves a short window where our SIGTERM kills instead of asking.
+        # Another signal killed it before our stop reached it (a crash the
+        # supervisor had not yet seen): stopped all the same.
+        if code < 0 and code != -signal.SIGTERM and not failed:
+            log.warning("the chat server had died (%s)", _death(code))
+        elif code > 0 and not failed:
+            log.error("the chat server exited with code %d", code)
+            return 1
+        return 1 if failed else 0
+
+    async def kill(self) -> None:
+        """SIGKILL it if it runs; wait for it and its log."""
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+        await asyncio.gather(self.exited, self.pump, return_exceptions=True)
+
+    async def _pump(self) -> None:
+        """Copy its log to our stderr; resolve ``listening`` with its port."""
+        assert self.proc.stdout is not None
+        echo = True
+        while line := await self.proc.stdout.readline():
+            if echo:
+                try:
+                    sys.stderr.write(line.decode(errors="replace"))
+                    sys.stderr.flush()
+                except (OSError, ValueError):
+                    # Our stderr is gone; keep draining, or the server would
+                    # block on a full pipe the next time it logs.
+                    echo = False
+            if not self.listening.done():
+                self.output.append(line)
+                match = LISTENING.search(line)
+                if match:
+                    self.listening.set_result(int(match.group(2)))
+
+
+Spawn = Callable[[int], Awaitable[_Server]]  # start a server on this port
+
+
 def run(host: str, chat_port: int, http_port: int, server_args: list[str],
         log_level: str) -> int:
     """Run the chat server and the web gateway until Ctrl-C or SIGTERM.
 
     ``server_args`` are extra server options (``settings.arguments_to_argv``),
-    passed on unchanged.  Returns 0 after a clean stop, 1 if either could
-    not start (the reason logged, e.g. "chat port 10000 is busy").
+    passed on unchanged to every server started.  Returns 0 after a clean
+    stop, 1 if either could not start or the server is in a crash loop (the
+    reason logged in one line, e.g. "chat port 10000 is busy").
     """
     try:
         return asyncio.run(_run(host, chat_port, http_port, server_args, log_level))
@@ -66,126 +224,114 @@ async def _run(host: str, chat_port: int, http_port: int, server_args: list[str]
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    stopping = asyncio.create_task(stop.wait())
+    servers: list[_Server] = []  # the current one; the dead are reaped before a restart
+
+    async def spawn(port: int) -> _Server:
+        servers[:] = [await _Server.spawn(host, port, log_level, server_args)]
+        return servers[0]
+
     try:
-        return await _supervise(host, chat_port, http_port, server_args, log_level, stop)
+        return await _supervise(host, chat_port, http_port, server_args, spawn, stopping)
     finally:
+        for server in servers:  # an exception on the way: never orphan one
+            await server.kill()
+        stopping.cancel()
+        await asyncio.gather(stopping, return_exceptions=True)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
 
 
 async def _supervise(host: str, chat_port: int, http_port: int, server_args: list[str],
-                     log_level: str, stop: asyncio.Event) -> int:
-    child = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tcpserver", "--name=server", f"--host={host}",
-        f"--port={chat_port}", f"--log-level={log_level}", *server_args,
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT, preexec_fn=_die_with_parent)
-    listening: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-    output: list[bytes] = []
-    pump = asyncio.create_task(_pump(child, listening, output))
-    exited = asyncio.create_task(child.wait())
-    stopping = asyncio.create_task(stop.wait())
-    try:
-        await asyncio.wait({listening, exited, stopping}, timeout=START_TIMEOUT,
-                           return_when=asyncio.FIRST_COMPLETED)
-        if not listening.done():
-            if exited.done():
-                await pump  # collect the child's last words
-                log.error("%s", _start_error(output, chat_port))
-                return 1
-            if not stopping.done():
-                log.error("the chat server did not start within %g s", START_TIMEOUT)
-            return await _stop_child(child, exited, failed=not stopping.done())
+                     spawn: Spawn, stopping: asyncio.Task) -> int:
+    server = await spawn(chat_port)
+    outcome = await server.start(stopping)
+    if outcome == "exited":
+        failure = server.start_failure(chat_port)
+        log.error("%s", failure if failure.startswith("chat port")
+                  else f"the chat server did not start: {failure}")
+        return 1
+    if outcome != "listening":
+        if outcome == "timeout":
+            log.error("the chat server did not start within %g s", START_TIMEOUT)
+        return await server.stop(failed=outcome == "timeout")
+    port = server.listening.result()  # kept for restarts: --port 0 picked it
 
-        config = GatewayConfig(chat_host=_local(host), chat_port=listening.result(), host=host,
-                               http_port=http_port, max_frame=_max_frame(server_args))
-        try:
-            runner, url = await app.start(config)
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                log.error("HTTP port %d is busy", http_port)
-            else:
-                log.error("cannot serve on %s:%d: %s", host, http_port, exc.strerror or exc)
-            return await _stop_child(child, exited, failed=True)
-        local = _local(host)
-        if local != host:  # a wildcard bind: name an address a browser can open
-            port = runner.addresses[0][1]
-            url = f"http://{f'[{local}]' if ':' in local else local}:{port}/"
-        log.info("chat room ready: open %s in a browser", url)
-        try:
-            await asyncio.wait({exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            if not stopping.done():
-                # The server ended first: a Ctrl-C reaches it directly (same
-                # process group) and may win the race with ours; 0 is clean.
-                code = exited.result()
-                if code != 0:
-                    log.error("the chat server exited unexpectedly (code %d)", code)
-                    return 1
-                log.info("the chat server stopped; stopping the gateway")
-                return 0
+    config = GatewayConfig(chat_host=_local(host), chat_port=port, host=host,
+                           http_port=http_port, max_frame=_max_frame(server_args))
+    try:
+        runner, url = await app.start(config)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            log.error("HTTP port %d is busy", http_port)
+        else:
+            log.error("cannot serve on %s:%d: %s", host, http_port, exc.strerror or exc)
+        return await server.stop(failed=True)
+    local = _local(host)
+    if local != host:  # a wildcard bind: name an address a browser can open
+        url = f"http://{f'[{local}]' if ':' in local else local}:{runner.addresses[0][1]}/"
+    log.info("chat room ready: open %s in a browser", url)
+    try:
+        return await _keep_up(server, port, spawn, stopping, runner.app[app.PROBE])
+    finally:
+        await runner.cleanup()
+
+
+async def _keep_up(server: _Server, port: int, spawn: Spawn, stopping: asyncio.Task,
+                   probe: HealthProbe) -> int:
+    """Restart the server whenever it dies, until a stop or a crash loop."""
+    policy = RestartPolicy()
+    while True:
+        await asyncio.wait({server.exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if stopping.done():
             log.info("stopping")
             # The server first: it tells every member (browsers included,
             # through the gateway) that it is shutting down.
-            return await _stop_child(child, exited, failed=False)
-        finally:
-            await runner.cleanup()
-    finally:
-        if child.returncode is None:  # an exception on the way: never orphan it
-            child.kill()
-            await exited
-        stopping.cancel()
-        await asyncio.gather(pump, stopping, return_exceptions=True)
+            return await server.stop(failed=False)
+        code = server.exited.result()
+        if code == 0:
+            # Stopped on purpose, e.g. SIGTERM sent to it alone.  (A Ctrl-C
+            # reaches it directly too, same process group, and may win the
+            # race with ours.)
+            log.info("the chat server stopped; stopping the gateway")
+            return 0
+        probe.forget()  # a cached "ok" would hide the death for a while
+        reason, uptime = _death(code), time.monotonic() - server.listening_at
+        what = "died"
+        while True:
+            await server.kill()  # reaped, its log drained
+            delay = policy.died(time.monotonic(), uptime)
+            if delay is None:
+                log.error("the chat server died %d times within %g s (last: %s); giving up",
+                          policy.deaths, policy.window, reason)
+                return 1
+            log.warning("the chat server %s (%s); restarting it in %g s", what, reason, delay)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(stopping), delay)
+            if stopping.done():
+                log.info("stopping")
+                return 0
+            server = await spawn(port)
+            outcome = await server.start(stopping)
+            if outcome == "listening":
+                log.info("the chat server is back on port %d", port)
+                break
+            if outcome == "stopping":
+                log.info("stopping")
+                return await server.stop(failed=False)
+            what, uptime = "did not restart", 0.0
+            reason = (f"not listening within {START_TIMEOUT:g} s" if outcome == "timeout"
+                      else server.start_failure(port))
 
 
-async def _pump(child: asyncio.subprocess.Process, listening: asyncio.Future[int],
-                output: list[bytes]) -> None:
-    """Copy the child's log to our stderr; resolve ``listening`` with its port."""
-    assert child.stdout is not None
-    echo = True
-    while line := await child.stdout.readline():
-        if echo:
-            try:
-                sys.stderr.write(line.decode(errors="replace"))
-                sys.stderr.flush()
-            except (OSError, ValueError):
-                # Our stderr is gone; keep draining, or the server would
-                # block on a full pipe the next time it logs.
-                echo = False
-        if not listening.done():
-            output.append(line)
-            match = LISTENING.search(line)
-            if match:
-                listening.set_result(int(match.group(2)))
-
-
-def _start_error(output: list[bytes], port: int) -> str:
-    text = b"".join(output).decode(errors="replace")
-    if "Address already in use" in text or "address already in use" in text:
-        return f"chat port {port} is busy"
-    lines = [line for line in text.splitlines() if line.strip()]
-    return f"the chat server did not start: {lines[-1] if lines else 'no output'}"
-
-
-async def _stop_child(child: asyncio.subprocess.Process, exited: asyncio.Task,
-                      failed: bool) -> int:
-    """SIGTERM the server and wait; return 1 if ``failed`` or it did not exit cleanly."""
-    if child.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            child.terminate()
-    try:
-        code = await asyncio.wait_for(asyncio.shield(exited), STOP_TIMEOUT)
-    except asyncio.TimeoutError:
-        log.error("the chat server did not stop within %g s; killing it", STOP_TIMEOUT)
-        child.kill()
-        await exited
-        return 1
-    # Dying of the SIGTERM we sent is a stop too: the server restores the
-    # default handler as it finishes, so a Ctrl-C that reached it first
-    # leaves a short window where our SIGTERM kills instead of asking.
-    clean = code in (0, -signal.SIGTERM)
-    if not clean and not failed:
-        log.error("the chat server exited with code %d", code)
-    return 1 if failed or not clean else 0
+def _death(code: int) -> str:
+    """How a server ended, from its wait status: "killed by SIGKILL", "exit code 1"."""
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
 
 
 def _local(host: str) -> str:

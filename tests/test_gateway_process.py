@@ -18,8 +18,11 @@ import aiohttp
 import pytest
 from conftest import ROOT, Program, RawClient
 
+from gateway.launcher import RestartPolicy
+
 SERVING = re.compile(r"serving on http://(\S+?):(\d+)/")
 LISTENING = re.compile(r"listening on (\S+):(\d+)")
+STARTED = re.compile(r"the chat server started as pid (\d+)")
 
 
 
@@ -177,6 +180,152 @@ def test_chatroom_busy_http_port_stops_the_server(program, busy_port):
     assert refused(chat_port)
     assert "tcpserver.server INFO stopped" in room.log_text()
     assert "Traceback" not in room.log_text()
+
+
+# --- chatroom: the room stays up ----------------------------------------------
+
+def test_restart_delay_doubles_to_a_ceiling():
+    policy = RestartPolicy()
+    # Deaths a minute apart never make a crash loop.
+    delays = [policy.died(at=i * 60.0, uptime=1.0) for i in range(10)]
+    assert delays == [0.5, 1, 2, 4, 8, 16, 30, 30, 30, 30]
+
+
+def test_restart_delay_starts_again_after_a_stable_run():
+    policy = RestartPolicy()
+    assert [policy.died(at, uptime=1.0) for at in (0.0, 10.0, 20.0)] == [0.5, 1, 2]
+    assert policy.died(200.0, uptime=60.0) == 0.5
+    assert policy.died(210.0, uptime=1.0) == 1
+
+
+def test_five_deaths_within_a_minute_is_a_crash_loop():
+    policy = RestartPolicy()
+    assert [policy.died(at, uptime=0.0) for at in (0.0, 1.0, 2.0, 3.0)] == [0.5, 1, 2, 4]
+    assert policy.died(59.9, uptime=0.0) is None
+
+
+def test_deaths_spread_wider_than_the_window_are_restarted():
+    policy = RestartPolicy()
+    # One every 15 s: at most four in any 60 s.
+    assert all(policy.died(i * 15.0, uptime=14.0) is not None for i in range(40))
+
+
+def wait_until(predicate, what: str, timeout: float = 30.0):
+    """Poll ``predicate`` until it returns something true; return that."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.05)
+
+
+def server_pids(room: Program) -> list[int]:
+    return [int(pid) for pid in STARTED.findall(room.log_text())]
+
+
+def hold_port(port: int) -> socket.socket:
+    """Listen on ``port`` as soon as it is free (its old owner just died)."""
+    def attempt():
+        try:
+            return socket.create_server(("127.0.0.1", port))
+        except OSError:
+            return None
+    return wait_until(attempt, f"free port {port}", timeout=10)
+
+
+async def chat(url: str, name: str, text: str) -> dict:
+    """Join through the gateway, say ``text``; return the room's echo of it."""
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(f"{url}ws") as ws:
+            await ws.send_json({"type": "hello", "name": name})
+            await ws.send_json({"type": "say", "text": text})
+            while True:
+                msg = await ws.receive(timeout=10)
+                assert msg.type is aiohttp.WSMsgType.TEXT, msg
+                for line in msg.data.split("\n"):  # several payloads per message
+                    event = json.loads(line)
+                    assert event["type"] != "error", event
+                    if event["type"] == "message" and event["text"] == text:
+                        return event
+
+
+def test_chatroom_restarts_a_killed_server_on_its_port(program):
+    room = program("-m", "gateway.cli", "--port=0", "--http-port=0")
+    chat_port = int(room.wait_log(LISTENING).group(2))
+    host, http_port = room.wait_log(SERVING).groups()
+    url = f"http://{host}:{http_port}/"
+    assert get(f"{url}health")[0] == 200
+    assert asyncio.run(chat(url, "early", "before"))["text"] == "before"
+    [first] = server_pids(room)
+
+    # The launcher is held still while the test takes the freed port, so
+    # that the first restarts fail for certain and /health is seen down.
+    room.proc.send_signal(signal.SIGSTOP)
+    try:
+        os.kill(first, signal.SIGKILL)
+        holder = hold_port(chat_port)
+    finally:
+        room.proc.send_signal(signal.SIGCONT)
+    with holder:
+        room.wait_log(rf"did not restart \(chat port {chat_port} is busy\)")
+        status, body = get(f"{url}health")
+        assert status == 503, body
+        assert json.loads(body)["chat_server"]["reachable"] is False
+    assert "the chat server died (killed by SIGKILL); restarting it in 0.5 s" in room.log_text()
+
+    room.wait_log(rf"the chat server is back on port {chat_port}")
+    wait_until(lambda: get(f"{url}health")[0] == 200, "200 from /health")
+    assert asyncio.run(chat(url, "later", "after"))["text"] == "after"
+    assert len(server_pids(room)) >= 3 and first not in server_pids(room)[1:]
+    assert room.proc.poll() is None  # the gateway kept serving throughout
+
+    assert room.signal(signal.SIGTERM) == 0, room.log_text()
+    assert refused(chat_port) and refused(int(http_port))
+    assert "Traceback" not in room.log_text()
+
+
+def test_chatroom_crash_loop_gives_up_in_one_line(program):
+    room = program("-m", "gateway.cli", "--port=0", "--http-port=0")
+    chat_port = int(room.wait_log(LISTENING).group(2))
+    http_port = int(room.wait_log(SERVING).group(2))
+    for n in range(1, 6):
+        pids = wait_until(lambda: len(server_pids(room)) >= n and server_pids(room),
+                          f"server number {n}")
+        os.kill(pids[n - 1], signal.SIGKILL)
+    assert room.proc.wait(30) == 1, room.log_text()
+    errors = [line for line in room.log_text().splitlines() if " ERROR " in line]
+    assert len(errors) == 1, errors
+    assert errors[0].endswith("the chat server died 5 times within 60 s "
+                              "(last: killed by SIGKILL); giving up")
+    assert len(server_pids(room)) == 5
+    assert refused(chat_port) and refused(http_port)
+    assert "Traceback" not in room.log_text()
+
+
+def test_chatroom_sigterm_while_the_server_is_down_exits_0(program):
+    room = program("-m", "gateway.cli", "--port=0", "--http-port=0")
+    chat_port = int(room.wait_log(LISTENING).group(2))
+    http_port = int(room.wait_log(SERVING).group(2))
+    [first] = server_pids(room)
+    room.proc.send_signal(signal.SIGSTOP)
+    os.kill(first, signal.SIGKILL)
+    room.proc.send_signal(signal.SIGTERM)  # pending until it runs again
+    room.proc.send_signal(signal.SIGCONT)
+    assert room.proc.wait(20) == 0, room.log_text()
+    assert refused(chat_port) and refused(http_port)
+    assert "Traceback" not in room.log_text()
+
+
+def test_chatroom_follows_a_server_stopped_on_purpose(program):
+    room = program("-m", "gateway.cli", "--port=0", "--http-port=0")
+    room.wait_log(SERVING)
+    [first] = server_pids(room)
+    os.kill(first, signal.SIGTERM)  # an orderly stop: exit 0, not a crash
+    assert room.proc.wait(20) == 0, room.log_text()
+    assert "the chat server stopped; stopping the gateway" in room.log_text()
+    assert len(server_pids(room)) == 1
 
 
 # --- packaging -----------------------------------------------------------------
