@@ -109,15 +109,25 @@ def trusted_networks(args: argparse.Namespace) -> tuple[IPNetwork, ...]:
 
 
 def arguments_to_argv(args: argparse.Namespace) -> list[str]:
-    """The server options in ``args`` that differ from the defaults, as argv.
+    """The server options in ``args`` that differ from their defaults, as argv.
 
-    Lets ``chatroom`` (server plus gateway) pass them on to the server process.
+    Lets ``chatroom`` (server plus gateway) pass them on to the server
+    process.  Generic over whatever ``add_arguments`` adds: each option is
+    given as ``--opt=value`` (a repeatable one once per value, a flag bare),
+    so a new server option passes through with no change here.
     """
-    defaults = Limits()
-    argv = [f"{option}={getattr(args, field)}" for option, field, _, _ in _OPTIONS
-            if getattr(args, field) != getattr(defaults, field)]
-    if args.backend != "auto":
-        argv.append(f"--backend={args.backend}")
-    for proxy in args.trusted_proxy or ():
-        argv.append(f"--trusted-proxy={proxy}")
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser)
+    argv = []
+    for action in parser._actions:  # argparse has no public list of them
+        value = getattr(args, action.dest, action.default)
+        if value == action.default or not action.option_strings:
+            continue
+        option = max(action.option_strings, key=len)
+        if action.nargs == 0:  # store_true and the like
+            argv.append(option)
+        elif isinstance(value, list):
+            argv.extend(f"{option}={item}" for item in value)
+        else:
+            argv.append(f"{option}={value}")
     return argv

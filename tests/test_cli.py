@@ -10,7 +10,7 @@ import sys
 import pytest
 from conftest import LISTENING, ROOT, Program
 
-from tcpserver import cli
+from tcpserver import cli, settings
 
 CHATROOM = ("-m", "gateway.cli")
 TCPSERVER = ("-m", "tcpserver")
@@ -115,3 +115,44 @@ def test_tcpserver_runs_the_server_without_gateway(tmp_path):
     finally:
         server.kill()
     assert "Traceback" not in server.log_text()
+
+
+# --- server options pass through the launcher -----------------------------------
+
+def _other_value(action: argparse.Action):
+    """A value for ``action`` that is not its default, as it would be parsed."""
+    if action.nargs == 0:
+        return not action.default
+    if action.choices:
+        return next(c for c in action.choices if c != action.default)
+    if isinstance(action, argparse._AppendAction):
+        return ["10.0.0.0/8", "192.0.2.1"]
+    if action.type in (int, float):
+        return action.type(action.default * 3 + 7)
+    return "some-value"
+
+
+def test_every_server_option_passes_through_to_the_server():
+    # chatroom's parser and the server's must agree on every server option,
+    # whichever options settings.add_arguments grows.
+    from gateway.cli import build_parser as chatroom_parser
+
+    group = argparse.ArgumentParser(add_help=False)
+    settings.add_arguments(group)
+    actions = [a for a in group._actions if a.option_strings]
+    assert len(actions) > 10
+    argv = []
+    for action in actions:
+        value = _other_value(action)
+        option = max(action.option_strings, key=len)
+        if action.nargs == 0:
+            argv.append(option)
+        else:
+            argv.extend(f"{option}={v}" for v in (value if isinstance(value, list) else [value]))
+    launched = chatroom_parser().parse_args(argv)
+    passed = settings.arguments_to_argv(launched)
+    server = cli.build_parser().parse_args(["--name=server", *passed])
+    for action in actions:
+        assert getattr(server, action.dest) == _other_value(action), action.dest
+    # Defaults are not repeated.
+    assert settings.arguments_to_argv(chatroom_parser().parse_args([])) == []
