@@ -21,6 +21,9 @@ from typing import Any
 
 from tcpserver import protocol
 
+# Replay pieces kept for reuse: a reconnect storm asks for a few ranges.
+_CHUNK_CACHE = 16
+
 
 class StorageError(Exception):
     """The log cannot store events right now (disk full, I/O error).
@@ -49,6 +52,8 @@ class RoomLog(abc.ABC):
         self._staged: list[tuple[int, bytes]] = []
         self._recent: deque[tuple[int, bytes]] = deque(maxlen=max(recent, 1))
         self._tail_cache: tuple[tuple[int, int], bytes] | None = None
+        # Committed frames never change, so cached pieces never go stale.
+        self._chunks: dict[tuple[int, int, int], tuple[int, bytes]] = {}
 
     # --- writing --------------------------------------------------------
 
@@ -115,6 +120,22 @@ class RoomLog(abc.ABC):
                 size += len(frame)
             return out
         return self._load(first, last, max_bytes)
+
+    def chunk(self, first: int, last: int, max_bytes: int) -> tuple[int, bytes]:
+        """One piece of a replay of ``first..last``: (the seq to continue
+        from, the frames joined).  Events pruned meanwhile are skipped.
+        Recent pieces are cached, so a reconnect storm asking for the same
+        range shares one bytes object instead of making one per client."""
+        first = max(first, self.first_seq)
+        key = (first, last, max_bytes)
+        cached = self._chunks.get(key)
+        if cached is None:
+            frames = self.frames(first, last, max_bytes)
+            cached = (first + len(frames) if frames else last + 1, b"".join(frames))
+            if len(self._chunks) >= _CHUNK_CACHE:
+                self._chunks.pop(next(iter(self._chunks)))  # the oldest entry
+            self._chunks[key] = cached
+        return cached
 
     def tail(self, count: int) -> tuple[int, bytes]:
         """The last ``count`` committed events (fewer if the log holds

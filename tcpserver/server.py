@@ -507,11 +507,9 @@ class ChatServer:
             self._input_ready.add(client)
             return
         first, last = client.replay
-        frames = self.log.frames(max(first, self.log.first_seq), last, REPLAY_CHUNK)
-        first += len(frames) if frames else last - first + 1
+        first, blob = self.log.chunk(first, last, REPLAY_CHUNK)
         client.replay = [first, last] if first <= last else None
-        if frames:
-            blob = b"".join(frames)
+        if blob:
             client.queue.appendleft((hold, blob, True))
             client.reply_bytes += len(blob)
 

@@ -200,3 +200,18 @@ def test_private_message_reaches_a_member_of_a_large_room(harness):
     h.room.handle(clients[0], {"type": "private", "to": "M4", "text": "found you"})
     assert h.messages_for(clients[4])[0]["text"] == "found you"
     assert h.messages_for(clients[0])[0]["to"] == "m4@127.0.0.1"
+
+
+def test_a_reconnect_storm_shares_replay_pieces(harness):
+    h = harness(history=5)
+    alice = h.join("alice")
+    for i in range(40):
+        h.room.handle(alice, {"type": "say", "text": f"m{i}"})
+    h.commit()
+    pieces = [h.log.chunk(3, 41, 300) for _ in range(50)]
+    assert all(piece[1] is pieces[0][1] for piece in pieces)
+    next_seq, blob = pieces[0]
+    decoder = protocol.FrameDecoder()
+    decoder.receive_data(blob)
+    seqs = [protocol.parse_server_message(p)["seq"] for p in iter(decoder.next_payload, None)]
+    assert seqs == list(range(3, next_seq)) and len(blob) <= 300 and next_seq <= 41
