@@ -141,8 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="largest message in bytes; match the chat server's "
                         f"--max-frame (default {protocol.MAX_FRAME_SIZE})")
     parser.add_argument("--queue-size", type=int, default=DEFAULT_QUEUE_SIZE,
-                        help="messages held for a slow browser before its session "
-                        f"is closed (default {DEFAULT_QUEUE_SIZE})")
+                        help="frames held for a slow browser: when more arrive while "
+                        "this many still wait, its session is closed with 1013 "
+                        f"(default {DEFAULT_QUEUE_SIZE})")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
     return parser

@@ -16,9 +16,10 @@ def close_reason(text: str) -> bytes:
     return text.encode()[:MAX_REASON_BYTES].decode("utf-8", "ignore").encode()
 
 
-def error_text(code: str, message: str) -> str:
-    """An ``error`` message for the browser, encoded by the protocol module."""
-    return protocol.encode_payload({"type": "error", "code": code, "message": message}).decode()
+def error_payload(code: str, message: str) -> bytes:
+    """An ``error`` payload (UTF-8 JSON) for the browser, encoded by the
+    protocol module."""
+    return protocol.encode_payload({"type": "error", "code": code, "message": message})
 
 
 def browser_frame(text: str, address: str | None, max_frame: int) -> tuple[str, bytes]:

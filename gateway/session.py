@@ -1,10 +1,27 @@
-"""One browser session: its WebSocket, its TCP connection, the queue between.
+"""One browser session: its WebSocket, its TCP connection, the backlog between.
 
-Server to browser, each frame's payload goes out as one text message,
-byte for byte (decoded from UTF-8, never re-encoded as JSON).  Browser to
-server, each text message is validated by the protocol module and framed
-by it; anything invalid is answered with an ``error`` and never forwarded.
-The close codes are listed in ``gateway.bridge``.
+Server to browser, each frame's payload is relayed byte for byte (never
+re-encoded as JSON).  Payloads that are ready together go out together: one
+WebSocket text message carries every payload waiting at that moment, joined
+by ``"\\n"`` (protocol v2; JSON payloads never hold a raw newline), up to
+``BATCH_BYTES``.  Nothing waits to fill a batch: a lone frame in a quiet
+room goes out as soon as it is read.
+
+The path is short on purpose.  The event loop hands each read from the chat
+server to ``Upstream.data_received``, which decodes every whole frame in it
+and appends the payloads to one backlog (a deque) in that same callback;
+one sender task drains the backlog with one ``send_frame`` per batch.  No
+queue hop or task switch per frame, one copy out of the frame decoder.
+
+Backpressure, in frames: when a read arrives while ``queue_size`` frames
+from earlier reads are still waiting (the browser stopped taking them), the
+session is closed with 1013 rather than dropping frames silently.  So one
+session holds at most ``queue_size`` frames plus one read.
+
+Browser to server, each text message is validated by the protocol module
+and framed by it; anything invalid is answered with an ``error``, queued in
+the same backlog so it keeps its place among the relayed frames, and never
+forwarded.  The close codes are listed in ``gateway.bridge``.
 """
 
 from __future__ import annotations
@@ -12,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
@@ -21,37 +39,33 @@ from gateway.messages import (
     LOST_SERVER,
     browser_frame,
     close_reason,
-    error_text,
+    error_payload,
     farewell,
 )
 from gateway.metrics import Metrics
+from gateway.upstream import Upstream
 from tcpserver import protocol
 
 log = logging.getLogger(__name__)
 
-RECV_SIZE = 64 * 1024
 # A close handshake with a browser that stopped reading cannot finish;
 # after this long the transport is dropped instead.
 CLOSE_TIMEOUT = 5.0
+# Largest batch, in bytes (a single bigger payload still goes alone).  At
+# 100-byte chat lines that is ~150 payloads per message, enough to make the
+# per-message cost vanish; and it is aiohttp's limit for compressing inline,
+# so a browser that negotiated permessage-deflate costs no thread hop.
+BATCH_BYTES = 16 * 1024
 
 
-class _Reply(str):
-    """A message of the gateway's own (an error reply), not a relayed frame."""
+class _Reply(bytes):
+    """A payload of the gateway's own (an error reply), not a relayed frame."""
 
     __slots__ = ()
 
 
-class _Close:
-    """Queued after the server's last frame: close once everything is sent."""
-
-    __slots__ = ("code", "reason", "label")
-
-    def __init__(self, code: int, reason: str, label: str) -> None:
-        self.code, self.reason, self.label = code, reason, label
-
-
 class Session:
-    """One browser: its WebSocket, its TCP connection and the queue between."""
+    """One browser: its WebSocket, its TCP connection and the backlog between."""
 
     def __init__(self, ws: web.WebSocketResponse, address: str | None,
                  config: GatewayConfig, metrics: Metrics) -> None:
@@ -59,14 +73,21 @@ class Session:
         self.address = address
         self.config = config
         self.metrics = metrics
-        # Everything bound for the browser goes through this one queue and
+        self.upstream: Upstream | None = None
+        self.close_label: str | None = None
+        # Everything bound for the browser goes through this one backlog and
         # one sender task, so server frames and our own error replies stay
         # in order and only one task ever writes to the WebSocket.
-        self.queue: asyncio.Queue[str | _Reply | _Close] = asyncio.Queue(config.queue_size)
-        self.upstream: asyncio.StreamWriter | None = None
-        self.close_label: str | None = None
+        self._backlog: deque[bytes] = deque()
+        self._backlog_bytes = 0
+        self._backlog_replies = 0
+        self._decoder = protocol.FrameDecoder(config.max_frame)
+        # The close the last server frame called for (a shutdown or a
+        # closing error), and the close to make once the backlog is sent.
+        self._farewell: tuple[int, str] | None = None
+        self._end: tuple[int, str] | None = None
+        self._wakeup: asyncio.Future[None] | None = None
         self._sender: asyncio.Task | None = None
-        self._receiver: asyncio.Task | None = None
         self._closer: asyncio.Task | None = None
 
     def __repr__(self) -> str:
@@ -74,7 +95,8 @@ class Session:
 
     async def run(self) -> None:
         """Relay until either side is done; returns once the session is closed."""
-        self._sender = self._start(self._send_to_browser())
+        self._sender = asyncio.create_task(self._send_to_browser())
+        self._sender.add_done_callback(self._sender_done)
         deadline = time.monotonic() + self.config.hello_timeout
         try:
             while self._closer is None:
@@ -115,16 +137,14 @@ class Session:
         if self._closer is not None:
             await asyncio.shield(self._closer)
 
-    def _start(self, coro) -> asyncio.Task:
-        task = asyncio.create_task(coro)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task) -> None:
-        # A bug in a relay task must end the session, not leave it half-alive.
+    def _sender_done(self, task: asyncio.Task) -> None:
+        # A bug in the sender must end the session, not leave it half-alive.
         if not task.cancelled() and task.exception() is not None:
-            log.error("%s: relay task failed", self, exc_info=task.exception())
-            self.close(WSCloseCode.INTERNAL_ERROR, "internal error in the gateway", "error")
+            self._failed(task.exception())
+
+    def _failed(self, exc: BaseException) -> None:
+        log.error("%s: relay failed", self, exc_info=exc)
+        self.close(WSCloseCode.INTERNAL_ERROR, "internal error in the gateway", "error")
 
     async def _close(self, code: int, reason: str, label: str) -> None:
         self.metrics.closes.labels(label).inc()
@@ -132,10 +152,9 @@ class Session:
             log.debug("%s closed by the browser", self)
         else:
             log.info("%s closed (%s): %d %s", self, label, code, reason)
-        current = asyncio.current_task()
-        for task in (self._sender, self._receiver):
-            if task is not None and task is not current:
-                task.cancel()
+        sender = self._sender
+        if sender is not None and sender is not asyncio.current_task():
+            sender.cancel()
         if self.upstream is not None:
             self.upstream.close()
         if not self.ws.closed:
@@ -147,26 +166,140 @@ class Session:
         if self.upstream is not None:
             try:
                 await asyncio.wait_for(self.upstream.wait_closed(), CLOSE_TIMEOUT)
-            except (OSError, asyncio.TimeoutError):
-                pass  # closing anyway; nothing left to tell anyone
-        for task in (self._sender, self._receiver):
-            if task is not None and task is not current:
-                await asyncio.gather(task, return_exceptions=True)
+            except asyncio.TimeoutError:
+                self.upstream.abort()  # the server stopped reading; nothing left to say
+        if sender is not None and sender is not asyncio.current_task():
+            await asyncio.gather(sender, return_exceptions=True)
+        self._backlog.clear()
 
-    def _reject(self, code: str, message: str) -> None:
-        self.metrics.rejected.inc()
-        self._to_browser(_Reply(error_text(code, message)))
+    # --- server to browser -----------------------------------------------------
 
-    def _to_browser(self, text: str) -> bool:
-        """Queue a message for the browser; False (and closing) if it is full."""
-        try:
-            self.queue.put_nowait(text)
-            return True
-        except asyncio.QueueFull:
+    def _from_server(self, data: bytes) -> None:
+        """Upstream.data_received: decode one read and queue its payloads."""
+        if self._closer is not None or self._end is not None:
+            return
+        backlog = self._backlog
+        if len(backlog) >= self.config.queue_size:
+            # The sender had its turn since the last read and these are
+            # still waiting: the browser is not taking them.
             self.close(WSCloseCode.TRY_AGAIN_LATER,
                        f"too far behind: {self.config.queue_size} messages waiting; "
                        "reconnect and ask for history", "overflow")
-            return False
+            return
+        decoder = self._decoder
+        size = 0
+        try:
+            decoder.receive_data(data)
+            while (payload := decoder.next_payload()) is not None:
+                # Frames after a farewell (our own leave) are still
+                # relayed; the farewell names the close.
+                said = farewell(payload)
+                if said is not None:
+                    self._farewell = said
+                backlog.append(payload)
+                size += len(payload)
+        except protocol.FrameError as exc:
+            log.warning("%s: bad frame from the chat server: %s", self, exc.message)
+            self._end = (WSCloseCode.INTERNAL_ERROR, "the chat server sent a bad frame")
+            if self.upstream is not None:
+                self.upstream.abort()
+        except Exception as exc:  # a bug: end this session, not the loop's callback
+            self._failed(exc)
+            return
+        finally:
+            self._backlog_bytes += size
+        self._wake_sender()
+
+    def _server_gone(self, exc: Exception | None) -> None:
+        """Upstream.connection_lost: close once the backlog is sent."""
+        if self._closer is not None or self._end is not None:
+            return
+        if self._farewell is not None:
+            self._end = self._farewell
+        elif exc is not None:
+            # Without a farewell first, the end of the stream means the
+            # server was lost (crashed, killed, reset), not an orderly close.
+            why = getattr(exc, "strerror", None) or exc
+            self._end = (LOST_SERVER, f"lost the chat server: {why}")
+        else:
+            self._end = (LOST_SERVER, LOST_REASON)
+        self._wake_sender()
+
+    def _reject(self, code: str, message: str) -> None:
+        self.metrics.rejected.inc()
+        reply = _Reply(error_payload(code, message))
+        self._backlog.append(reply)
+        self._backlog_bytes += len(reply)
+        self._backlog_replies += 1
+        self._wake_sender()
+
+    def _wake_sender(self) -> None:
+        wakeup = self._wakeup
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
+
+    def _take_batch(self) -> tuple[bytes, int]:
+        """Remove the next batch from the backlog; return it joined by
+        newlines and the number of relayed (not reply) payloads in it."""
+        backlog = self._backlog
+        # n payloads joined take their bytes plus n - 1 separators.
+        if self._backlog_bytes + len(backlog) - 1 <= BATCH_BYTES or len(backlog) == 1:
+            batch = b"\n".join(backlog)
+            relayed = len(backlog) - self._backlog_replies
+            backlog.clear()
+            self._backlog_bytes = self._backlog_replies = 0
+            return batch, relayed
+        parts = [backlog.popleft()]
+        size = len(parts[0])
+        while backlog and size + 1 + len(backlog[0]) <= BATCH_BYTES:
+            parts.append(backlog.popleft())
+            size += 1 + len(parts[-1])
+        replies = sum(1 for part in parts if type(part) is _Reply)
+        self._backlog_bytes -= size - (len(parts) - 1)
+        self._backlog_replies -= replies
+        return b"\n".join(parts), len(parts) - replies
+
+    async def _send_to_browser(self) -> None:
+        loop = asyncio.get_running_loop()
+        backlog = self._backlog
+        relayed_metric = self.metrics.relayed.labels("to_browser")
+        while True:
+            if not backlog:
+                if self._end is not None:
+                    self.close(*self._end, "server_closed")
+                    return
+                self._wakeup = loop.create_future()
+                await self._wakeup
+                self._wakeup = None
+                continue
+            batch, relayed = self._take_batch()
+            # ASCII is UTF-8; only other text needs the full check.  A
+            # browser fails the whole connection on a bad text message.
+            if not batch.isascii():
+                batch = self._valid_utf8(batch)
+            try:
+                await self.ws.send_frame(batch, WSMsgType.TEXT)
+            except ConnectionError:
+                return  # the browser vanished; run() sees it and closes
+            if relayed:
+                relayed_metric.inc(relayed)
+
+    def _valid_utf8(self, batch: bytes) -> bytes:
+        try:
+            batch.decode("utf-8")
+            return batch
+        except UnicodeDecodeError:
+            pass
+        kept = []
+        for payload in batch.split(b"\n"):
+            try:
+                payload.decode("utf-8")
+                kept.append(payload)
+            except UnicodeDecodeError:
+                log.warning("%s: skipped a server frame that is not UTF-8", self)
+        return b"\n".join(kept)
+
+    # --- browser to server -----------------------------------------------------
 
     async def _from_browser(self, text: str) -> None:
         try:
@@ -178,22 +311,22 @@ class Session:
                 return self._reject("not_joined", "say hello first")
             if not await self._connect():
                 return
-        if self.upstream.is_closing():
+        upstream = self.upstream
+        if upstream.closing:
             return  # the server hung up; the session is about to close
-        self.upstream.write(frame)
+        upstream.write(frame)
         self.metrics.relayed.labels("to_server").inc()
-        try:
-            # Waiting here stops us reading the WebSocket, so a browser
-            # cannot outrun a slow server: backpressure, not buffering.
-            await self.upstream.drain()
-        except ConnectionError:
-            pass  # the receiver sees the hang-up and closes the session
+        # Waiting here stops us reading the WebSocket, so a browser cannot
+        # outrun a slow server: backpressure, not buffering.
+        await upstream.drain()
 
     async def _connect(self) -> bool:
         config = self.config
+        loop = asyncio.get_running_loop()
         try:
-            reader, self.upstream = await asyncio.wait_for(
-                asyncio.open_connection(config.chat_host, config.chat_port),
+            _, upstream = await asyncio.wait_for(
+                loop.create_connection(lambda: Upstream(self._from_server, self._server_gone),
+                                       config.chat_host, config.chat_port),
                 config.connect_timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             self.metrics.connect_failures.inc()
@@ -203,57 +336,9 @@ class Session:
             self.close(WSCloseCode.INTERNAL_ERROR,
                        f"chat server unreachable ({why})", "unreachable")
             return False
+        self.upstream = upstream
         if self._closer is not None:
             # Closed (e.g. gateway shutdown) while we were connecting.
-            self.upstream.close()
+            upstream.close()
             return False
-        self._receiver = self._start(self._receive_from_server(reader))
         return True
-
-    async def _receive_from_server(self, reader: asyncio.StreamReader) -> None:
-        decoder = protocol.FrameDecoder(self.config.max_frame)
-        # Without a farewell first, the end of the stream means the server
-        # was lost (crashed, killed, reset), not that it closed in order.
-        code, reason = LOST_SERVER, LOST_REASON
-        try:
-            while data := await reader.read(RECV_SIZE):
-                decoder.receive_data(data)
-                while (payload := decoder.next_payload()) is not None:
-                    # The frames after a farewell (our own leave) are
-                    # still relayed; the farewell names the close.
-                    code, reason = farewell(payload) or (code, reason)
-                    try:
-                        text = payload.decode("utf-8")
-                    except UnicodeDecodeError:
-                        log.warning("%s: skipped a server frame that is not UTF-8", self)
-                        continue
-                    if self.queue.full():
-                        # One read can hold a burst of frames bigger than the
-                        # queue; let the sender take what the socket will
-                        # accept before deciding the browser is too slow.
-                        await asyncio.sleep(0)
-                    if not self._to_browser(text):
-                        return
-        except protocol.FrameError as exc:
-            log.warning("%s: bad frame from the chat server: %s", self, exc.message)
-            reason = "the chat server sent a bad frame"
-            code = WSCloseCode.INTERNAL_ERROR
-        except ConnectionError as exc:
-            if code == LOST_SERVER:
-                reason = f"lost the chat server: {exc.strerror or exc}"
-        # Blocks only while the browser drains the queue: the close must
-        # come after every frame already queued.
-        await self.queue.put(_Close(code, reason, "server_closed"))
-
-    async def _send_to_browser(self) -> None:
-        while True:
-            item = await self.queue.get()
-            if isinstance(item, _Close):
-                self.close(item.code, item.reason, item.label)
-                return
-            try:
-                await self.ws.send_str(item)
-            except ConnectionError:
-                return  # the browser vanished; run() sees it and closes
-            if not isinstance(item, _Reply):
-                self.metrics.relayed.labels("to_browser").inc()

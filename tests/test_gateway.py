@@ -9,6 +9,8 @@ import ipaddress
 import json
 import socket
 import struct
+import weakref
+from collections import deque
 
 import aiohttp
 import pytest
@@ -16,6 +18,7 @@ from aiohttp import WSMsgType
 from conftest import RawClient
 
 import gateway
+import gateway.session
 from gateway.app import BRIDGE, METRICS, PROBE, SECURITY_HEADERS, create_app
 from gateway.config import GatewayConfig, build_parser, config_from_args
 from tcpserver import protocol
@@ -53,10 +56,33 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-async def recv_json(ws, timeout: float = 5.0) -> dict:
-    msg = await ws.receive(timeout=timeout)
+# Payloads read but not yet returned, per WebSocket: one message may carry
+# several, one per line (protocol v2).
+_unread: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def split(msg: aiohttp.WSMessage) -> list[dict]:
+    """The payloads of one text message, in order."""
     assert msg.type is WSMsgType.TEXT, msg
-    return json.loads(msg.data)
+    return [json.loads(line) for line in msg.data.split("\n")]
+
+
+async def recv_json(ws, timeout: float = 5.0) -> dict:
+    """The next payload (not message) from the gateway."""
+    unread = _unread.setdefault(ws, deque())
+    if not unread:
+        unread.extend(split(await ws.receive(timeout=timeout)))
+    return unread.popleft()
+
+
+async def recv_all(ws, timeout: float = 10.0) -> tuple[list[dict], aiohttp.WSMessage]:
+    """Every payload up to the close; return them and the close."""
+    seen = list(_unread.pop(ws, ()))
+    while True:
+        msg = await ws.receive(timeout=timeout)
+        if msg.type is not WSMsgType.TEXT:
+            return seen, msg
+        seen.extend(split(msg))
 
 
 async def recv_until(ws, predicate, timeout: float = 5.0) -> tuple[dict, list[dict]]:
@@ -77,11 +103,8 @@ async def join(ws, name: str) -> dict:
 
 
 async def recv_close(ws, timeout: float = 5.0) -> aiohttp.WSMessage:
-    """Skip text messages until the close; return it."""
-    while True:
-        msg = await ws.receive(timeout=timeout)
-        if msg.type is not WSMsgType.TEXT:
-            return msg
+    """Skip payloads until the close; return it."""
+    return (await recv_all(ws, timeout))[1]
 
 
 async def in_thread(func, *args):
@@ -275,19 +298,16 @@ async def test_server_shutdown_is_delivered_then_closes_1012(gateway_client, ser
         # reach the browser, then the shutdown notice, then the close.
         for i in range(20):
             member.send({"type": "say", "text": f"m{i}"})
+        # Accepted: the server has published all 20 (a SIGTERM may otherwise
+        # overtake frames still in its socket buffer).
+        await in_thread(member.recv_until, lambda m: m.get("text") == "m19")
         # Done talking: otherwise the server waits its grace period for alice.
         member.sock.shutdown(socket.SHUT_WR)
         stopped = asyncio.ensure_future(in_thread(server.terminate))
-        texts, last = [], None
-        while True:
-            msg = await ws.receive(timeout=10)
-            if msg.type is not WSMsgType.TEXT:
-                break
-            last = json.loads(msg.data)
-            if last["type"] == "message":
-                texts.append(last["text"])
-        assert texts == [f"m{i}" for i in range(20)]
-        assert last == {"type": "shutdown", "message": "the server is shutting down"}
+        seen, msg = await recv_all(ws)
+        texts = [m["text"] for m in seen if m["type"] == "message"]
+        assert texts == [f"m{i}" for i in range(20)], (seen, msg)
+        assert seen[-1] == {"type": "shutdown", "message": "the server is shutting down"}
         # 1012 "service restart": an orderly close, the page may say so.
         assert (msg.type, msg.data, msg.extra) == \
             (WSMsgType.CLOSE, aiohttp.WSCloseCode.SERVICE_RESTART, "the server is shutting down")
@@ -318,12 +338,7 @@ async def test_a_killed_chat_server_closes_1011_not_like_a_shutdown(gateway_clie
         await in_thread(member.send, {"type": "say", "text": "last words"})
         await recv_until(ws, lambda m: m["type"] == "message")
         server.kill()  # SIGKILL: no shutdown notice, the kernel closes the socket
-        seen = []
-        while True:
-            msg = await ws.receive(timeout=10)
-            if msg.type is not WSMsgType.TEXT:
-                break
-            seen.append(json.loads(msg.data))
+        seen, msg = await recv_all(ws)
         assert [m for m in seen if m["type"] == "shutdown"] == []
         assert (msg.type, msg.data) == (WSMsgType.CLOSE, aiohttp.WSCloseCode.INTERNAL_ERROR)
         assert msg.extra.startswith("lost the chat server")
@@ -442,12 +457,8 @@ async def test_a_browser_that_falls_behind_is_closed_1013_not_dropped(gateway_cl
                 lambda: metric(app, "gateway_session_closes_total", reason="overflow") == 1,
                 timeout=20)
             await asyncio.wait_for(upstream_closed.wait(), 5)
-            seqs = []
-            while True:
-                msg = await ws.receive(timeout=10)
-                if msg.type is not WSMsgType.TEXT:
-                    break
-                seqs.append(json.loads(msg.data)["seq"])
+            seen, msg = await recv_all(ws)
+            seqs = [m["seq"] for m in seen]
             # Everything delivered is in order with no gap, then a close that
             # says why: the page knows to reconnect and ask for history.
             assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) > 10
@@ -470,6 +481,63 @@ async def test_a_relay_bug_closes_the_session_1011(gateway_client, server, membe
     left = await in_thread(member.recv_type, "leave")
     assert left["member"] == joined["member"] == "web@127.0.0.1"
     assert metric(client.server.app, "gateway_session_closes_total", reason="error") == 1
+
+
+# --- batching --------------------------------------------------------------
+
+async def test_a_burst_is_batched_in_order_and_matches_a_raw_members_transcript(
+        gateway_client, start_server):
+    """Four raw members each send 250 messages in one write while the page
+    says 50 of its own: the page gets several payloads per WebSocket
+    message, and exactly the transcript a raw member gets, in order."""
+    server = start_server("--max-per-ip=200", "--msg-rate=1e9", "--msg-burst=1000000000")
+    listener = RawClient(server.port)
+    senders = [RawClient(server.port) for _ in range(4)]
+    try:
+        listener.join("listener")
+        for i, sender in enumerate(senders):
+            sender.join(f"s{i}")
+        client = await gateway_client(server.port)
+        async with client.ws_connect("/ws") as ws:
+            page = (await join(ws, "page"))["label"]
+            await in_thread(listener.recv_until,
+                            lambda m: m["type"] == "join" and m["member"] == page)
+            for i, sender in enumerate(senders):
+                burst = b"".join(protocol.encode_frame({"type": "say", "text": f"s{i}-{n}"})
+                                 for n in range(250))
+                await in_thread(sender.send_raw, burst)
+            for n in range(50):
+                await ws.send_json({"type": "say", "text": f"page-{n}"})
+            total = 4 * 250 + 50
+
+            sizes, seen = [], list(_unread.pop(ws, ()))
+            while sum(m["type"] == "message" for m in seen) < total:
+                msg = await ws.receive(timeout=10)
+                sizes.append(len(msg.data.encode()))
+                seen.extend(split(msg))
+            on_page = [(m["seq"], m["from"], m["text"]) for m in seen if m["type"] == "message"]
+
+            def raw_transcript():
+                got = []
+                while len(got) < total:
+                    m = listener.recv(10)
+                    if m["type"] == "message":
+                        got.append((m["seq"], m["from"], m["text"]))
+                return got
+
+            assert await in_thread(raw_transcript) == on_page
+        # Every sender's messages in the order it sent them, in seq order.
+        assert [seq for seq, _, _ in on_page] == sorted(seq for seq, _, _ in on_page)
+        for i in range(4):
+            mine = [text for _, sender, text in on_page if sender.startswith(f"s{i}@")]
+            assert mine == [f"s{i}-{n}" for n in range(250)]
+        assert [t for _, who, t in on_page if who == page] == [f"page-{n}" for n in range(50)]
+        # Batched: fewer WebSocket messages than payloads, none over the cap.
+        assert len(sizes) < len(seen)
+        assert max(sizes) <= gateway.session.BATCH_BYTES
+    finally:
+        for raw in (listener, *senders):
+            raw.close()
 
 
 # --- admission: origin and per-address cap ----------------------------------

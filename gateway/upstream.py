@@ -1,0 +1,96 @@
+"""One session's TCP connection to the chat server, as an asyncio Protocol.
+
+A Protocol rather than a StreamReader and a reader task: the event loop
+hands each read straight to ``data_received``, which decodes it and queues
+the payloads for the browser in the same callback.  No stream buffer copy,
+no task switch per read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+
+class Upstream(asyncio.Protocol):
+    """The chat-server side of a session.
+
+    ``on_data(bytes)`` is called with every read and ``on_lost(exc)`` once
+    when the connection ends (``exc`` None after a plain EOF, else the
+    OSError that ended it).  Writes go through ``write``; ``drain`` waits
+    while the kernel and the transport hold more than the high-water mark.
+    """
+
+    __slots__ = ("transport", "_on_data", "_on_lost", "_paused", "_drained", "_closed")
+
+    def __init__(self, on_data: Callable[[bytes], None],
+                 on_lost: Callable[[Exception | None], None]) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._on_data = on_data
+        self._on_lost = on_lost
+        self._paused = False
+        self._drained: asyncio.Future[None] | None = None
+        self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    # --- asyncio.Protocol ---------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self._on_data(data)
+
+    def eof_received(self) -> bool:
+        return False  # close our side too; connection_lost(None) follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._wake()
+        if not self._closed.done():
+            self._closed.set_result(None)
+        self._on_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._wake()
+
+    # --- for the session ------------------------------------------------------
+
+    @property
+    def closing(self) -> bool:
+        """True once either side started closing: write nothing more."""
+        return self.transport is None or self.transport.is_closing()
+
+    def write(self, data: bytes) -> None:
+        """Queue ``data`` for the server (never blocks; see ``drain``)."""
+        assert self.transport is not None
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        """Return once the write buffer is below its high-water mark, or the
+        connection is gone.  Never raises (the loss is reported by on_lost)."""
+        if self._paused and not self._closed.done():
+            self._drained = asyncio.get_running_loop().create_future()
+            await self._drained
+
+    def close(self) -> None:
+        """Close after flushing what is written; see ``wait_closed``."""
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Drop the connection now, discarding unsent data."""
+        if self.transport is not None:
+            self.transport.abort()
+
+    async def wait_closed(self) -> None:
+        """Return once the connection is fully closed."""
+        await asyncio.shield(self._closed)
+
+    def _wake(self) -> None:
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+        self._drained = None
