@@ -14,6 +14,7 @@
  *         redis       RESP: members SUBSCRIBE, separate connections PUBLISH
  *   keys  publishers=100 bytes=100 seconds=10 window=1 timeout=120 sync=0
  *         drain=10 (seconds to wait, after publishing, for what was sent)
+ *         count=0 (throughput: stop once this many were published; 0: no limit)
  *         (sync=1: after "seated", wait for a line on stdin before
  *         publishing, so the runner can sample the server's memory)
  *
@@ -56,6 +57,7 @@ static conn_t *m, *pub;              /* members; redis publishers */
 static int N, P, chat, port, ep;
 static const char *mode;
 static int text_bytes = 100, window = 1, sync_start = 0;
+static long long max_published; /* throughput: stop publishing after this many */
 static double seconds = 10, timeout_s = 120, drain_s = 10;
 static long long published, delivered, counted, bytes_in, gaps, missed, dups;
 static long long disconnects, refused, joined, back, epoch_changed;
@@ -407,6 +409,7 @@ int main(int argc, char **argv) {
         else if (!strncmp(argv[i], "timeout=", 8)) timeout_s = atof(v);
         else if (!strncmp(argv[i], "sync=", 5)) sync_start = atoi(v);
         else if (!strncmp(argv[i], "drain=", 6)) drain_s = atof(v);
+        else if (!strncmp(argv[i], "count=", 6)) max_published = atoll(v);
     }
     if (P > N) P = N;
     if (strcmp(mode, "throughput") && strcmp(mode, "restart")) P = chat ? 0 : (P ? 1 : 0);
@@ -487,9 +490,10 @@ int main(int argc, char **argv) {
     /* throughput */
     double start = now(), end_at = start + seconds;
     publishing = 1;
-    while (now() < end_at) {
+    while (now() < end_at && (!max_published || published < max_published)) {
         for (int i = 0; i < P; i++)
-            while (m[i].inflight < window && (chat ? m[i].fd : pub[i].fd) >= 0) {
+            while (m[i].inflight < window && (chat ? m[i].fd : pub[i].fd) >= 0 &&
+                   (!max_published || published < max_published)) {
                 publish(i, texts[i]);
                 m[i].inflight++;
             }

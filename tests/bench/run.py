@@ -8,7 +8,8 @@ for comparison) against the C load generator, on loopback, in one run.
     python tests/bench/run.py --suite storm [--members 1000,5000,10000]
     python tests/bench/run.py --suite idle [--members 10000]
     python tests/bench/run.py --suite restart [--members 1000,5000,10000]
-    python tests/bench/run.py --suite durable
+                              [--signal KILL|TERM]
+    python tests/bench/run.py --suite durable [--fill-events 1000000]
 
 Each suite prints a Markdown table.  Suites:
 
@@ -156,6 +157,10 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=120.0,
                         help="bound on seating and on each restart, seconds")
+    parser.add_argument("--signal", default="KILL", choices=["KILL", "TERM"],
+                        help="how the restart suite stops the server")
+    parser.add_argument("--fill-events", type=int, default=1_000_000,
+                        help="events stored before the durable suite's start-up timing")
     args = parser.parse_args()
     suites = SUITES if args.suite == "all" else args.suite.split(",")
     raise_fd_limit(max(args.members or [10000]) * 2)
