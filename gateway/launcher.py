@@ -244,7 +244,11 @@ async def _run(host: str, chat_port: int, http_port: int, server_args: list[str]
 
 async def _supervise(host: str, chat_port: int, http_port: int, server_args: list[str],
                      spawn: Spawn, stopping: asyncio.Task) -> int:
-    server = await spawn(chat_port)
+    try:
+        server = await spawn(chat_port)
+    except OSError as exc:  # no process at all: out of memory or of PIDs
+        log.error("cannot start the chat server: %s", exc.strerror or exc)
+        return 1
     outcome = await server.start(stopping)
     if outcome == "exited":
         failure = server.start_failure(chat_port)
@@ -305,21 +309,27 @@ async def _keep_up(server: _Server, port: int, spawn: Spawn, stopping: asyncio.T
                 log.error("the chat server died %d times within %g s (last: %s); giving up",
                           policy.deaths, policy.window, reason)
                 return 1
-            log.warning("the chat server %s (%s); restarting it in %g s", what, reason, delay)
+            log.warning("the chat server %s (%s); %s in %g s", what, reason,
+                        "restarting it" if what == "died" else "trying again", delay)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(stopping), delay)
             if stopping.done():
                 log.info("stopping")
                 return 0
-            server = await spawn(port)
+            what, uptime = "did not restart", 0.0
+            try:
+                server = await spawn(port)
+            except OSError as exc:  # counts as a death: a crash loop ends it
+                reason = f"cannot start a process: {exc.strerror or exc}"
+                continue
             outcome = await server.start(stopping)
             if outcome == "listening":
+                probe.forget()  # a cached "unavailable" would hide the recovery
                 log.info("the chat server is back on port %d", port)
                 break
             if outcome == "stopping":
                 log.info("stopping")
                 return await server.stop(failed=False)
-            what, uptime = "did not restart", 0.0
             reason = (f"not listening within {START_TIMEOUT:g} s" if outcome == "timeout"
                       else server.start_failure(port))
 
