@@ -31,6 +31,9 @@ def program(tmp_path):
     started = []
 
     def start(*args: str, **popen) -> Program:
+        # Per-user state (the room's database) goes under this test's own
+        # directory, never the real user's, and no two tests share it.
+        popen.setdefault("env", {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")})
         started.append(Program(tmp_path, *args, **popen))
         return started[-1]
 
