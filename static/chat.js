@@ -37,7 +37,8 @@
     slow_reader: "was disconnected (could not keep up)",
     flooding: "was disconnected (sending too fast)",
     protocol_error: "was disconnected (protocol error)",
-    shutdown: "left (the server shut down)"
+    shutdown: "left (the server shut down)",
+    replaced: "left (reconnected)"
   };
 
   var ERROR_TEXT = {
@@ -61,6 +62,11 @@
   // which one happened.
   var CLOSE_RESTART = 1012;
   var CLOSE_LOST_SERVER = 1011;
+
+  // The welcome's resume token, kept per tab (sessionStorage), so that a
+  // reconnect takes our name back from our own stale connection at once
+  // instead of waiting for the server to time it out (protocol v2).
+  var RESUME_KEY = "chatroom.resume";
 
   var STATUS_TEXT = {
     connecting: "Connecting\u2026",
@@ -601,9 +607,39 @@
     };
   }
 
+  function storedResume(name) {
+    try {
+      var kept = JSON.parse(window.sessionStorage.getItem(RESUME_KEY) || "null");
+      if (kept && typeof kept.token === "string" && typeof kept.name === "string" &&
+          kept.name.toLowerCase() === String(name).toLowerCase()) {
+        return kept.token;
+      }
+    } catch (err) {
+      // Storage off or garbled: join without a token, as a new member.
+    }
+    return null;
+  }
+
+  function keepResume(name, token) {
+    try {
+      if (typeof token === "string" && token) {
+        window.sessionStorage.setItem(RESUME_KEY, JSON.stringify({ name: name, token: token }));
+      } else {
+        window.sessionStorage.removeItem(RESUME_KEY);
+      }
+    } catch (err) {
+      // Storage off: reconnects then wait for the old session to time out.
+    }
+  }
+
   function sendHello() {
     window.clearTimeout(state.helloTimer);
-    send({ type: "hello", name: state.name });
+    var hello = { type: "hello", name: state.name };
+    var token = storedResume(state.name);
+    if (token) {
+      hello.resume = token;
+    }
+    send(hello);
   }
 
   // The socket is closed or given up on; decide what happens next.
@@ -732,6 +768,7 @@
     state.nameTakenSince = 0;
     state.label = msg.label;
     state.name = msg.name;
+    keepResume(msg.name, msg.resume);
     setStatus("connected", "as " + msg.name);
     setJoinBusy(false);
     setJoinError("");
@@ -927,6 +964,7 @@
   }
 
   function leave() {
+    keepResume(null, null);  // we quit: there is no session to take back
     state.wanted = false;
     state.everJoined = false;
     window.clearTimeout(state.reconnectTimer);

@@ -334,9 +334,11 @@ def test_reconnect_after_gateway_restart_has_no_gap_and_no_duplicate(
     # She left (her link died) and came back as the same name.
     assert [e["kind"] for e in entries if e["sender"] == "alice"] == ["join", "leave", "join"]
     expect(alice.locator("#member-list .member-name")).to_have_text(["alice", "dave"])
-    # The second socket said hello again, then asked for what it missed.
+    # The second socket said hello again, with the first welcome's resume
+    # token, then asked for what it missed.
     assert pages.sent[0][0] == {"type": "hello", "name": "alice"}
-    assert pages.sent[-1][:2] == [{"type": "hello", "name": "alice"},
+    token = pages.received[0][0]["resume"]
+    assert pages.sent[-1][:2] == [{"type": "hello", "name": "alice", "resume": token},
                                   {"type": "history", "after": last_seen}]
     unexpected = [p for p in pages.problems if "WebSocket" not in p and "ERR_CONNECTION" not in p]
     assert unexpected == []
