@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import selectors
 import shutil
+import signal
 import socket
 import sys
 import threading
@@ -131,3 +132,22 @@ def test_losses_and_gaps_are_reported(loadgen):
     assert r["deliveries"] == "6"
     assert r["lost"] == str(6 * 3 - 6)
     assert r["seq_gaps"] == "3"
+
+
+def test_restart_members_come_back_and_see_the_new_epoch(loadgen, tmp_path):
+    """A server without a database restarts with a new epoch: every member
+    must reconnect, rejoin and notice."""
+    server = start_server(tmp_path, 20)
+    restarted = None
+    gen = Loadgen(loadgen, "restart", "chat", server.port, 20, publishers=3, timeout=30)
+    try:
+        gen.line("seated")
+        server.kill(signal.SIGKILL)
+        restarted = start_server(tmp_path, 20, port=server.port)
+        result = gen.line("result")
+    finally:
+        gen.close()
+        server.stop()
+        if restarted:
+            restarted.stop()
+    assert (result["back"], result["epoch_changed"]) == ("20", "20")

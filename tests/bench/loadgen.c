@@ -46,9 +46,10 @@ enum { S_WAIT, S_CONNECTING, S_JOINING, S_JOINED, S_GONE };
 enum { R_LIVE, R_WELCOME, R_HISTORY, R_FRAMES, R_BACK };
 
 typedef struct {
-    int fd, state, phase, inflight, probe, backoff_ms;
+    int fd, state, phase, inflight, probe, backoff_ms, new_epoch;
     double retry_at;
     long long last_seq, resume_from, hist_left, hist_next, live_max;
+    char epoch[40];
     unsigned char *buf;
     size_t len, cap;
 } conn_t;
@@ -209,6 +210,7 @@ static void got_message(int idx, const unsigned char *text, size_t n) {
 
 static void room_seq(conn_t *c, long long seq) {
     if (c->phase == R_FRAMES) {
+        if (c->hist_next < 0) c->hist_next = seq;
         if (seq != c->hist_next) gaps += seq > c->hist_next ? seq - c->hist_next : 0;
         c->hist_next = seq + 1;
         if (--c->hist_left == 0) {
@@ -238,9 +240,13 @@ static void chat_frame(int idx, const unsigned char *p, size_t n) {
     } else if (is_type(p, n, "welcome")) {
         if (c->state != S_JOINING) return;
         long long last = field_int(p, n, "\"last_seq\":");
+        char epoch[40] = "";
+        const unsigned char *e = memmem(p, n, "\"epoch\":\"", 9);
+        if (e) sscanf((const char *)e + 9, "%39[^\"]", epoch);
         if (c->phase == R_WELCOME) {
-            if (last < c->resume_from) { /* numbers from another epoch */
+            if (strcmp(epoch, c->epoch) || last < c->resume_from) { /* another epoch */
                 epoch_changed++;
+                c->new_epoch = 1; /* its old numbers mean nothing: no gap to count */
                 c->resume_from = 0;
             }
             char req[128];
@@ -250,11 +256,13 @@ static void chat_frame(int idx, const unsigned char *p, size_t n) {
         } else if (c->last_seq < last) {
             c->last_seq = last; /* the replay that follows is older */
         }
+        memcpy(c->epoch, epoch, sizeof epoch);
         joined_now(c);
     } else if (is_type(p, n, "history") && c->phase == R_HISTORY) {
-        missed += field_int(p, n, "\"missed\":") > 0 ? field_int(p, n, "\"missed\":") : 0;
+        long long miss = field_int(p, n, "\"missed\":");
+        if (miss > 0 && !c->new_epoch) missed += miss;
         c->hist_left = field_int(p, n, "\"count\":");
-        c->hist_next = c->resume_from + 1;
+        c->hist_next = c->new_epoch ? -1 : c->resume_from + 1;
         if (c->hist_left > 0) {
             c->phase = R_FRAMES;
         } else {
