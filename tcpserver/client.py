@@ -6,20 +6,22 @@ so an incoming message never garbles what is being typed.  Otherwise every
 line read from stdin is sent (commands work too; empty lines are skipped),
 each one only after the server has echoed the one before, resending it if
 it was rate-limited; at end of input the client quits and exits once the
-server has closed the connection, so nothing piped in is lost.
+server has closed the connection, so nothing piped in is lost.  Input is
+handled in ``tcpserver/client_input.py``; what is shown, one line per event,
+is described in ``tcpserver/display.py``: room lines on stdout, diagnostics
+(``! ...``) on stderr.
 
-What is shown, one line per event, is described in ``tcpserver/display.py``:
-room lines on stdout, diagnostics (``! ...``) on stderr.
+When the connection drops, or the server announces ``shutdown`` (it is
+restarting or stopping), the client reconnects by itself with capped,
+jittered backoff, rejoins with the same name presenting the ``resume``
+token of its last welcome, and fills the gap with ``history``, showing each
+missed event once (``tcpserver/transcript.py``).  It does not come back
+after a refusal (``flooding``, ``bad_frame``) or when its name is refused.
 
-Commands: ``/who``, ``/msg NAME TEXT``, ``/quit``, ``/help``; ``//text``
-sends ``/text``.  A message over ``protocol.MAX_TEXT_CHARS`` (4000)
-characters is not sent: at the prompt it stays in the input line with the
-limit shown, so it can be shortened; from a pipe it is skipped with the
-limit on stderr.
-
-Exit status: 0 after ``/quit``, end of input or a server shutdown; 1 if the
-server cannot be reached, is not a chat server (say, the web gateway's HTTP
-port) or the connection is lost; 2 if the server refuses the name.
+Exit status: 0 after ``/quit``, end of input, or Ctrl-C (also while
+reconnecting); 1 if the server cannot be reached at start, is not a chat
+server (say, the web gateway's HTTP port) or closed us for a refusal; 2 if
+the server refuses the name.
 """
 
 from __future__ import annotations
@@ -27,13 +29,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import socket
 import sys
-import threading
 from typing import Callable
 
 from tcpserver import display, protocol
 from tcpserver.cli import DEFAULT_PORT
+from tcpserver.transcript import Transcript
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +53,25 @@ ECHO_TIMEOUT = 10.0
 # refills at least one token a second unless configured unusually low.
 RATE_LIMIT_PAUSE = 1.0
 MAX_ATTEMPTS = 30
+# Reconnect backoff: a restart takes about a second, so start fast; cap at
+# 15 s so a long outage costs the server one attempt per client per 15 s;
+# jitter +-20% so clients dropped together do not return together.
+BACKOFF_FIRST, BACKOFF_MAX, BACKOFF_JITTER = 0.5, 15.0, 0.2
 
 EXIT_OK, EXIT_LOST, EXIT_REFUSED = 0, 1, 2
 _NAME_ERRORS = ("name_taken", "name_invalid", "bad_message")
+# Closing errors after which coming back would be refused again.
+_NO_RETURN = frozenset({"bad_frame", "flooding"})
 
 Reply = Callable[[dict], bool]
 
 
 class JoinRefused(protocol.RemoteProtocolError):
     """The server answered hello with an error (``code``, ``message``)."""
+
+
+class Unreachable(Exception):
+    """No TCP connection to the server; ``args[0]`` is the OSError or TimeoutError."""
 
 
 class NotChatServer(Exception):
@@ -108,30 +121,32 @@ def foreign_greeting(head: bytes, complete: bool = False,
     return None
 
 
-class Session:
-    """One joined connection: reads and shows server messages, sends ours."""
+_rng = random.Random()
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 show: display.Show) -> None:
-        self.reader, self.writer, self.show = reader, writer, show
+
+def backoff(attempt: int, rng: random.Random = _rng) -> float:
+    """Seconds to wait before reconnect ``attempt`` (0, 1, ...): BACKOFF_FIRST
+    doubling up to BACKOFF_MAX, each within +-BACKOFF_JITTER of that."""
+    base = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** min(attempt, 16))
+    return base * rng.uniform(1 - BACKOFF_JITTER, 1 + BACKOFF_JITTER)
+
+
+class Connection:
+    """One TCP connection to the server, read through the codec."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
         self.decoder = protocol.FrameDecoder()
-        self.label = ""
-        self.last_seq = 0  # highest room seq shown: skip anything at or below
-        self.replay_until = 0  # events up to welcome's last_seq are history
-        self.quiet: set[str] = set()  # error codes handled without a line
-        self.shutdown = False
-        self.quitting = False
-        self.closed = asyncio.Event()
-        self._members: list = []
+        self.welcomed = False
+        self.ended = asyncio.Event()
         self._head = bytearray()  # the first bytes, to recognise a wrong port
-        self._waiter: tuple[asyncio.Future, Reply] | None = None
 
     async def send(self, message: dict) -> None:
         """Send one message.  Raises OSError if the connection is gone."""
         self.writer.write(protocol.encode_frame(message))
         await self.writer.drain()
 
-    async def _read(self) -> dict | None:
+    async def read(self) -> dict | None:
         """Return the next valid server message, or None at end of stream.
 
         Raises OSError on a reset and FrameError on a bad length; before
@@ -143,14 +158,14 @@ class Session:
                 try:
                     return protocol.parse_server_message(payload)
                 except protocol.MessageError as exc:
-                    if not self.label:
+                    if not self.welcomed:
                         raise NotChatServer("it answered with something that is not "
                                             "the chat protocol") from None
                     # The stream is still in sync: skip it, as the server would.
                     log.warning("ignored a bad message from the server: %s", exc.message)
                     continue
             data = await self.reader.read(65536)
-            if not self.label and len(self._head) < _HEAD_BYTES:
+            if not self.welcomed and len(self._head) < _HEAD_BYTES:
                 self._head += data[:_HEAD_BYTES - len(self._head)]
                 verdict = foreign_greeting(bytes(self._head), complete=not data)
                 if verdict:
@@ -159,59 +174,168 @@ class Session:
                 return None
             self.decoder.receive_data(data)
 
-    async def join(self, name: str) -> None:
-        """Say hello and read up to the welcome.
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except OSError as exc:
+            log.debug("close: %s", exc)
 
-        Raises JoinRefused, NotChatServer, ConnectionError (closed before
-        the welcome), OSError or FrameError.
-        """
-        await self.send({"type": "hello", "name": name})
+
+class Session:
+    """Our membership of the room, across connections: joins, shows what
+    the server sends, sends ours, and reconnects when the link drops."""
+
+    def __init__(self, name: str, host: str, port: int, show: display.Show) -> None:
+        self.name, self.host, self.port, self.show = name, host, port, show
+        self.where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.transcript = Transcript()
+        self.conn: Connection | None = None
+        self.label = ""
+        self.resume: str | None = None  # token of the last welcome
+        self.ready = asyncio.Event()  # joined and the gap filled: send away
+        self.reconnecting = False
+        self.quiet: set[str] = set()  # error codes handled without a line
+        self.shutdown = False  # the last connection announced shutdown
+        self.refused: str | None = None  # a closing error code that forbids a return
+        self.quitting = False
+        self._members: list = []
+        self._waiter: tuple[asyncio.Future, Reply] | None = None
+
+    async def send(self, message: dict) -> None:
+        """Send one message now.  Raises OSError if not connected."""
+        if self.conn is None or self.conn.ended.is_set():
+            raise ConnectionError("not connected")
+        await self.conn.send(message)
+
+    async def join(self) -> None:
+        """Connect, say hello (with our resume token, if any) and read up to
+        the welcome.  Raises JoinRefused, NotChatServer, ConnectionError
+        (closed before the welcome), OSError, FrameError or TimeoutError;
+        Unreachable if no connection could be opened."""
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(self.host, self.port), CONNECT_TIMEOUT)
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise Unreachable(exc) from exc
+        conn = Connection(reader, writer)
+        try:
+            hello = {"type": "hello", "name": self.name}
+            if self.resume:
+                hello["resume"] = self.resume
+            await conn.send(hello)
+            welcome = await asyncio.wait_for(self._welcome(conn), WELCOME_TIMEOUT)
+        except BaseException:
+            await conn.close()
+            raise
+        rejoin = bool(self.label)
+        self.conn, self.shutdown, self.label = conn, False, welcome["label"]
+        self.resume = welcome.get("resume")
+        lines, request = self.transcript.welcome(welcome, rejoin)
+        self._print(lines)
+        self.show(f"* {'reconnected' if rejoin else 'joined'} as {display.clean(self.label)}")
+        if welcome.get("large"):
+            self.show(f"* {welcome.get('count', '?')} in the room (/who lists them)")
+        else:
+            self._members = list(welcome["members"])
+            if not welcome["more"]:
+                self._show_members()
+        if request:
+            await conn.send(request)
+        else:
+            self.ready.set()
+
+    async def _welcome(self, conn: Connection) -> dict:
         while True:
-            msg = await self._read()
+            msg = await conn.read()
             if msg is None:
                 raise ConnectionError("the server closed the connection")
             if msg["type"] == "error":
                 raise JoinRefused(msg["code"], msg["message"])
             if msg["type"] == "ping":
-                await self._pong(msg)
+                await self._pong(conn, msg)
             elif msg["type"] == "welcome":
-                break
+                conn.welcomed = True
+                return msg
             else:
                 log.debug("ignored %s before welcome", msg["type"])
-        self.label = msg["label"]
-        self.replay_until = msg["last_seq"]
-        self.show(f"* joined as {display.clean(self.label)}")
-        self._members = list(msg["members"])
-        if not msg["more"]:
-            self._show_members()
 
-    async def receive(self) -> None:
-        """Handle server messages until the connection ends, then set ``closed``."""
+    async def stay(self) -> int:
+        """Show what the server sends; rejoin whenever the connection drops.
+
+        Returns the exit status once the session cannot go on (a refusal,
+        or the name refused on rejoining).  Runs until cancelled otherwise.
+        """
+        while True:
+            await self._receive(self.conn)
+            self.ready.clear()
+            if self.quitting:
+                return EXIT_OK
+            if self.refused:
+                self.show("! the server closed the connection", err=True)
+                return EXIT_LOST
+            why = ("the server is restarting or stopping" if self.shutdown
+                   else "the connection was lost")
+            self.show(f"! {why}; reconnecting (Ctrl-C to stop)", err=True)
+            status = await self._rejoin()
+            if status is not None:
+                return status
+
+    async def _rejoin(self) -> int | None:
+        """Join again with backoff; an exit status if we must give up."""
+        self.reconnecting = True
+        attempt = 0
+        while True:
+            await asyncio.sleep(backoff(attempt))
+            attempt += 1
+            try:
+                await self.join()
+            except JoinRefused as exc:
+                if exc.code in _NAME_ERRORS:
+                    self.show(f"! cannot rejoin as {self.name!r}: {display.clean(exc.message)} "
+                              f"({display.clean(exc.code)})", err=True)
+                    return EXIT_REFUSED
+                log.debug("rejoin refused: %s", exc.message)  # e.g. server_full: try again
+                continue
+            except NotChatServer as exc:
+                self.show(f"! {self.where} is no longer a chat server ({exc.args[0]})",
+                          err=True)
+                return EXIT_LOST
+            except (Unreachable, OSError, protocol.FrameError, asyncio.TimeoutError) as exc:
+                log.debug("rejoin attempt %d: %s", attempt, exc)
+                continue
+            self.reconnecting = False
+            return None
+
+    async def _receive(self, conn: Connection) -> None:
+        """Handle server messages until ``conn`` ends."""
         try:
-            while (msg := await self._read()) is not None:
-                await self._handle(msg)
+            while (msg := await conn.read()) is not None:
+                await self._handle(conn, msg)
         except (OSError, protocol.FrameError) as exc:
             log.debug("connection lost: %s", exc)
         finally:
-            self.closed.set()
-            if self._waiter and not self._waiter[0].done():
-                self._waiter[0].set_result("closed")
+            conn.ended.set()
+            await conn.close()
 
-    async def _handle(self, msg: dict) -> None:
+    async def _handle(self, conn: Connection, msg: dict) -> None:
         kind = msg["type"]
+        transcript = self.transcript
         if kind in ("message", "join", "leave"):
-            if msg["seq"] <= self.last_seq:
-                return  # already shown
-            self.last_seq = msg["seq"]
-            replay = msg["seq"] <= self.replay_until
-            self.show(display.room_event(msg, replay), dim=replay)
+            self._print(transcript.event(msg))
+        elif kind == "history":
+            self._print(transcript.history(msg))
         elif kind == "private":
             self.show(display.private(msg, self.label))
         elif kind == "members":
             self._members.extend(msg["members"])
             if not msg["more"]:
                 self._show_members()
+        elif kind == "error" and msg["code"] == "unknown_seq" and transcript.filling:
+            self._print(transcript.unknown_seq())
         elif kind == "error":
+            if msg["code"] in _NO_RETURN:
+                self.refused = msg["code"]
             if msg["code"] in self.quiet:
                 log.debug("server: %s", msg["message"])
             else:
@@ -220,24 +344,30 @@ class Session:
             self.shutdown = True
             self.show(display.error("shutdown", msg["message"]), err=True)
         elif kind == "ping":
-            await self._pong(msg)
+            await self._pong(conn, msg)
+        if not transcript.filling:
+            self.ready.set()
         waiter = self._waiter
         if waiter and not waiter[0].done():
-            if kind == "error":
+            if kind == "error" and msg["code"] != "unknown_seq":
                 waiter[0].set_result(msg["code"])
             elif waiter[1](msg):
                 waiter[0].set_result("ok")
+
+    def _print(self, lines) -> None:
+        for line in lines:
+            self.show(line.text, err=line.err, dim=line.dim)
 
     def _show_members(self) -> None:
         self.show(display.members(self._members))
         self._members = []
 
-    async def _pong(self, ping: dict) -> None:
+    async def _pong(self, conn: Connection, ping: dict) -> None:
         reply = {"type": "pong"}
         if ping.get("token") is not None:
             reply["token"] = ping["token"]
         try:
-            await self.send(reply)
+            await conn.send(reply)
         except OSError as exc:
             log.debug("pong not sent: %s", exc)
 
@@ -245,29 +375,38 @@ class Session:
                       timeout: float = ECHO_TIMEOUT) -> bool:
         """Send ``message`` until the frame ``is_reply`` accepts arrives.
 
-        Returns True if it did; False after another error (shown), a lost
-        connection or no reply within ``timeout``.  A rate-limited frame is
-        resent after a pause; while a rate-limit streak lasts the server
-        drops frames without another error, so a resent frame with no reply
-        is resent again.
+        Waits while reconnecting.  Returns True if the reply came; False
+        after another error (shown) or no reply within ``timeout``.  A
+        rate-limited frame is resent after a pause; while a rate-limit
+        streak lasts the server drops frames without another error, so a
+        resent frame with no reply is resent again.  If the connection
+        drops first, the gap filled after the rejoin may hold the reply;
+        if not, the frame is sent again.
         """
         resent = False
         for _ in range(MAX_ATTEMPTS):
-            if self.closed.is_set():
-                return False
+            await self.ready.wait()
+            conn = self.conn
             future = asyncio.get_running_loop().create_future()
             self._waiter = (future, is_reply)
             try:
-                await self.send(message)
-                result = await asyncio.wait_for(future, timeout)
-            except asyncio.TimeoutError:
-                result = "timeout"
+                await conn.send(message)
+                ended = asyncio.ensure_future(conn.ended.wait())
+                await asyncio.wait({future, ended}, timeout=timeout,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                ended.cancel()
             except OSError:
-                return False  # the receiver notices the loss
-            finally:
-                self._waiter = None
+                pass  # the receiver notices the loss
+            if not future.done() and conn.ended.is_set():
+                # Published before the drop? The gap fill will show it.
+                await self.ready.wait()
+            self._waiter = None
+            result = future.result() if future.done() else (
+                "closed" if conn.ended.is_set() else "timeout")
             if result == "ok":
                 return True
+            if result == "closed":
+                continue
             if result == "rate_limited" or (result == "timeout" and resent):
                 resent = True
                 await asyncio.sleep(RATE_LIMIT_PAUSE)
@@ -278,200 +417,24 @@ class Session:
         return False
 
     async def quit(self) -> None:
-        """Send quit until our leave comes back, then wait for the close.
+        """Leave: send quit until our leave comes back, then wait for the
+        close (at most QUIT_WAIT each).  Not connected: nothing to do.
 
-        Waits at most QUIT_WAIT for each.  The server lets quit through its
-        rate limit, so the room sees us leave rather than hang up.
+        The server lets quit through its rate limit, so the room sees us
+        leave rather than hang up.
         """
         self.quitting = True
+        conn = self.conn
+        if not self.ready.is_set() or conn is None:
+            return
         if await self.deliver({"type": "quit"}, lambda m: m["type"] == "leave"
                               and m["member"] == self.label, timeout=QUIT_WAIT):
             # The server closes once our leave is sent: when it has, nothing
             # before it is left unshown.
             try:
-                await asyncio.wait_for(self.closed.wait(), QUIT_WAIT)
+                await asyncio.wait_for(conn.ended.wait(), QUIT_WAIT)
             except asyncio.TimeoutError:
                 log.debug("the server did not close within %g s of our leave", QUIT_WAIT)
-
-
-def outgoing_text(line: str) -> str | None:
-    """The message text that ``line`` would send: its text for a message or
-    ``/msg NAME TEXT``, None for blank lines and other commands."""
-    line = display.clean_outgoing(line)
-    if not line.strip():
-        return None
-    if line.startswith("//"):
-        return line[1:]
-    if line.startswith("/"):
-        command, _, rest = line[1:].partition(" ")
-        if command.lower() != "msg":
-            return None
-        to, _, text = rest.strip().partition(" ")
-        return text if to and text.strip() else None
-    return line
-
-
-def line_problem(line: str) -> str | None:
-    """Why ``line`` cannot be sent as typed (e.g. over MAX_TEXT_CHARS), or None."""
-    text = outgoing_text(line)
-    if text is None:
-        return None
-    if len(text) > protocol.MAX_TEXT_CHARS:
-        return (f"a message is at most {protocol.MAX_TEXT_CHARS} characters and "
-                f"this one has {len(text)}")
-    try:
-        protocol.check_text(text)
-    except protocol.MessageError as exc:
-        return exc.message
-    return None
-
-
-async def act(session: Session, line: str, confirm: bool) -> bool:
-    """Carry out one input line: a command or a message.
-
-    With ``confirm``, wait until the server has echoed what was sent.  A
-    message that breaks the protocol's rules (``line_problem``) is not
-    sent; the reason is shown on stderr.  Returns False when the line asks
-    to quit.
-    """
-    line = display.clean_outgoing(line)
-    if not line.strip():
-        return True
-    problem = line_problem(line)
-    if problem:
-        session.show(f"! not sent: {problem}; skipped", err=True)
-        return True
-    if line.startswith("/") and not line.startswith("//"):
-        command, _, rest = line[1:].partition(" ")
-        command = command.lower()
-        if command == "quit":
-            return False
-        if command == "help":
-            session.show(display.HELP)
-        elif command == "who":
-            await _submit(session, {"type": "who"},
-                          lambda m: m["type"] == "members" and not m["more"], confirm)
-        elif command == "msg":
-            to, _, text = rest.strip().partition(" ")
-            if not to or not text.strip():
-                session.show("! usage: /msg NAME TEXT", err=True)
-            else:
-                await _submit(session, {"type": "private", "to": to, "text": text},
-                              lambda m: m["type"] == "private" and m["from"] == session.label
-                              and m["text"] == text, confirm)
-        else:
-            session.show(f"! unknown command /{command}: /help lists the commands", err=True)
-        return True
-    text = line[1:] if line.startswith("//") else line
-    await _submit(session, {"type": "say", "text": text},
-                  lambda m: m["type"] == "message" and m["from"] == session.label
-                  and m["text"] == text, confirm)
-    return True
-
-
-async def _submit(session: Session, message: dict, is_reply: Reply, confirm: bool) -> None:
-    if confirm:
-        await session.deliver(message, is_reply)
-        return
-    try:
-        await session.send(message)
-    except OSError as exc:
-        log.debug("not sent: %s", exc)  # the receiver notices the loss
-
-
-async def _converse(session: Session, next_line, confirm: bool) -> None:
-    """Carry out lines from ``await next_line()`` (None: no more input)
-    until one quits, input ends or the server closes; then quit."""
-    closed = asyncio.ensure_future(session.closed.wait())
-    try:
-        while True:
-            ask = asyncio.ensure_future(next_line())
-            done, _ = await asyncio.wait({ask, closed}, return_when=asyncio.FIRST_COMPLETED)
-            if closed in done:
-                ask.cancel()
-                await asyncio.gather(ask, return_exceptions=True)
-                return
-            line = ask.result()
-            if line is None or not await act(session, line, confirm):
-                break
-        await session.quit()
-    finally:
-        closed.cancel()
-
-
-def _line_validator():
-    from prompt_toolkit.validation import ValidationError, Validator
-
-    class LineValidator(Validator):
-        """Refuses Enter on a line that cannot be sent, so it stays to be edited."""
-
-        def validate(self, document) -> None:
-            problem = line_problem(document.text)
-            if problem:
-                raise ValidationError(document.cursor_position,
-                                      f"not sent: {problem}; edit the line, then Enter")
-
-    return LineValidator()
-
-
-async def _interactive(session: Session) -> None:
-    """Prompt for lines in a terminal until /quit, Ctrl-D or the server closes."""
-    from prompt_toolkit import PromptSession
-    from prompt_toolkit.patch_stdout import patch_stdout
-
-    prompt: PromptSession = PromptSession(f"[{display.clean(session.label)}]> ",
-                                          validator=_line_validator(),
-                                          validate_while_typing=False)
-
-    async def next_line() -> str | None:
-        try:
-            return await prompt.prompt_async()
-        except (EOFError, KeyboardInterrupt):  # Ctrl-D, Ctrl-C
-            return None
-
-    session.show("* /help lists the commands")
-    # raw=True lets our own (sanitized) dim escape through to the terminal.
-    with patch_stdout(raw=True):
-        await _converse(session, next_line, confirm=False)
-
-
-async def _piped(session: Session) -> None:
-    """Send stdin line by line until end of input or the server closes."""
-    session.quiet.add("rate_limited")  # deliver() resends instead
-    lines: asyncio.Queue[str | None] = asyncio.Queue()
-    _read_stdin_lines(asyncio.get_running_loop(), lines)
-    await _converse(session, lines.get, confirm=True)
-
-
-def _read_stdin_lines(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
-    """Feed stdin's lines, then None, into ``queue`` from a daemon thread.
-
-    A thread works for pipes, files and terminals alike, and a daemon
-    thread blocked in read() does not keep the process alive at exit.  It
-    uses os.read, not sys.stdin: a daemon thread inside the buffered reader
-    holds its lock, and the interpreter aborts when it finds it held at exit.
-    """
-    def put(item: str | None) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:
-            pass  # the loop is closed: the client is exiting
-
-    def pump() -> None:
-        pending = b""
-        try:
-            while data := os.read(sys.stdin.fileno(), 65536):
-                *lines, pending = (pending + data).split(b"\n")
-                for line in lines:
-                    put(line.rstrip(b"\r").decode("utf-8", "replace"))
-        except (OSError, ValueError) as exc:
-            log.warning("cannot read stdin: %s", exc)
-        finally:
-            if pending:
-                put(pending.decode("utf-8", "replace"))
-            put(None)
-
-    threading.Thread(target=pump, name="stdin", daemon=True).start()
 
 
 def _why(exc: BaseException) -> str:
@@ -485,52 +448,54 @@ def _why(exc: BaseException) -> str:
     return (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)).lower()
 
 
-async def _main(name: str, host: str, port: int) -> int:
-    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+async def _first_join(session: Session) -> int | None:
+    """Join once; on failure print one line and return the exit status."""
+    where, name = session.where, session.name
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port),
-                                                CONNECT_TIMEOUT)
-    except (OSError, asyncio.TimeoutError) as exc:
-        print(f"chatroom: cannot reach the chat server at {where} ({_why(exc)})",
+        await session.join()
+    except Unreachable as exc:
+        print(f"chatroom: cannot reach the chat server at {where} ({_why(exc.args[0])})",
               file=sys.stderr)
         return EXIT_LOST
+    except JoinRefused as exc:
+        print(f"chatroom: cannot join as {name!r}: {display.clean(exc.message)} "
+              f"({display.clean(exc.code)})", file=sys.stderr)
+        return EXIT_REFUSED if exc.code in _NAME_ERRORS else EXIT_LOST
+    except NotChatServer as exc:
+        print(f"chatroom: {where} is not a chat server port ({exc.args[0]}); "
+              f"the chat port is --port, default {DEFAULT_PORT}", file=sys.stderr)
+        return EXIT_LOST
+    except asyncio.TimeoutError:
+        print(f"chatroom: no welcome from {where} within {WELCOME_TIMEOUT:g} s; is it "
+              f"the chat port? (--port, default {DEFAULT_PORT})", file=sys.stderr)
+        return EXIT_LOST
+    except (OSError, protocol.FrameError) as exc:
+        print(f"chatroom: the chat server at {where} did not let us in ({exc})",
+              file=sys.stderr)
+        return EXIT_LOST
+    return None
+
+
+async def _main(name: str, host: str, port: int, holder: dict) -> int:
+    from tcpserver import client_input
+
     terminal = os.isatty(0) and os.isatty(1)
-    session = Session(reader, writer, display.printer(terminal))
-    receiver = None
+    session = holder["session"] = Session(name, host, port, display.printer(terminal))
+    failed = await _first_join(session)
+    if failed is not None:
+        return failed
+    stay = asyncio.ensure_future(session.stay())
+    ui = asyncio.ensure_future(client_input.interactive(session) if terminal
+                               else client_input.piped(session))
     try:
-        try:
-            await asyncio.wait_for(session.join(name), WELCOME_TIMEOUT)
-        except JoinRefused as exc:
-            print(f"chatroom: cannot join as {name!r}: {display.clean(exc.message)} "
-                  f"({display.clean(exc.code)})", file=sys.stderr)
-            return EXIT_REFUSED if exc.code in _NAME_ERRORS else EXIT_LOST
-        except NotChatServer as exc:
-            print(f"chatroom: {where} is not a chat server port ({exc.args[0]}); "
-                  f"the chat port is --port, default {DEFAULT_PORT}", file=sys.stderr)
-            return EXIT_LOST
-        except asyncio.TimeoutError:
-            print(f"chatroom: no welcome from {where} within {WELCOME_TIMEOUT:g} s; is it "
-                  f"the chat port? (--port, default {DEFAULT_PORT})", file=sys.stderr)
-            return EXIT_LOST
-        except (OSError, protocol.FrameError) as exc:
-            print(f"chatroom: the chat server at {where} did not let us in ({exc})",
-                  file=sys.stderr)
-            return EXIT_LOST
-        receiver = asyncio.ensure_future(session.receive())
-        await (_interactive(session) if terminal else _piped(session))
-        if session.quitting:
-            return EXIT_OK
-        session.show("! the server closed the connection", err=True)
-        return EXIT_OK if session.shutdown else EXIT_LOST
+        done, _ = await asyncio.wait({stay, ui}, return_when=asyncio.FIRST_COMPLETED)
+        return EXIT_OK if ui in done else stay.result()
     finally:
-        if receiver is not None:
-            receiver.cancel()
-            await asyncio.gather(receiver, return_exceptions=True)
-        writer.close()
-        try:
-            await writer.wait_closed()
-        except OSError:
-            pass
+        for task in (stay, ui):
+            task.cancel()
+        await asyncio.gather(stay, ui, return_exceptions=True)
+        if session.conn is not None:
+            await session.conn.close()
 
 
 def run(name: str, host: str, port: int) -> int:
@@ -540,7 +505,11 @@ def run(name: str, host: str, port: int) -> int:
     network trouble, which is reported in one line on stderr.
     """
     logging.basicConfig(level=logging.WARNING, format="chatroom: %(message)s")
+    holder: dict = {}
     try:
-        return asyncio.run(_main(name, host, port))
+        return asyncio.run(_main(name, host, port, holder))
     except KeyboardInterrupt:
+        session = holder.get("session")
+        if session is not None and session.reconnecting:
+            return EXIT_OK  # nothing to leave: stopping is the answer to "Ctrl-C to stop"
         return 130

@@ -18,7 +18,10 @@ always exactly one line.  Diagnostics start with ``!`` and go to stderr::
 
     ! rate_limited: slow down: at most 10 messages a second
     ! shutdown: the server is shutting down
-    ! the server closed the connection
+    ! the server is restarting or stopping; reconnecting (Ctrl-C to stop)
+
+and after a rejoin ``* reconnected as bob@127.0.0.1`` on stdout, then the
+events missed meanwhile, each once.
 
 The functions here build lines and do no I/O; ``printer`` makes the one
 function that prints them.
@@ -37,6 +40,7 @@ HELP = """\
 commands:
   /who             list the members of the room
   /msg NAME TEXT   send TEXT to NAME only
+  /history [N]     show the N (default 20) events before the oldest shown
   /quit            leave the room (Ctrl-D does too)
   /help            show this help
   //text           send a message that starts with '/'"""
@@ -52,6 +56,7 @@ LEAVE_PHRASES = {
     "flooding": "was disconnected for flooding",
     "protocol_error": "was disconnected for a protocol error",
     "shutdown": "left (server shutdown)",
+    "replaced": "left (replaced by a new connection)",
 }
 
 # The protocol already forbids C0/C1 controls in strings, but a terminal is

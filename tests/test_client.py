@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -281,26 +280,32 @@ def test_ping_is_answered_with_the_same_token(piped):
     bob = piped(port, "bob")  # stdin stays open: no quit interferes
     thread.join(10)
     assert not failures, failures
-    assert bob.wait() == 0, bob.text("err")
-    assert "! shutdown: bye now" in bob.text("err")
+    bob.expect(r"^! shutdown: bye now$", key="err")
+    # The server went away after its notice: the client waits for it to
+    # come back, and end of input then leaves with nothing to send.
+    bob.expect(r"^! the server is restarting or stopping; reconnecting \(Ctrl-C to stop\)$",
+               key="err")
+    assert bob.finish() == 0, bob.text("err")
 
 
-def test_server_shutdown_is_announced_and_exits_zero(server, piped):
-    bob = piped(server.port, "bob")
-    bob.expect(rf"^{TIME} \* bob@127.0.0.1 joined$")
-    server.terminate()
-    bob.expect(r"^! shutdown: the server is shutting down$", key="err")
-    assert bob.wait() == 0
-    assert "! the server closed the connection" in bob.text("err")
-    assert "Traceback" not in bob.text("err")
+def test_a_refusal_is_final(piped):
+    def script(sock, decoder):
+        read_message(sock, decoder)  # the hello
+        for message in (
+            {"type": "welcome", "name": "bob", "label": "bob@10.1.2.3", "epoch": "e1",
+             "last_seq": 0, "members": ["bob@10.1.2.3"], "more": False, "history": 0},
+            {"type": "join", "seq": 1, "member": "bob@10.1.2.3", "ts": 0},
+            {"type": "error", "code": "flooding", "message": "too many frames"},
+        ):
+            sock.sendall(protocol.encode_frame(message))
 
-
-def test_lost_connection_exits_nonzero(server, piped):
-    bob = piped(server.port, "bob")
-    bob.expect(rf"^{TIME} \* bob@127.0.0.1 joined$")
-    server.proc.send_signal(signal.SIGKILL)
+    port, thread, failures = fake_server(script)
+    bob = piped(port, "bob")
+    thread.join(10)
+    assert not failures, failures
     assert bob.wait() == 1
-    assert bob.text("err") == "! the server closed the connection"
+    assert bob.text("err").splitlines() == ["! flooding: too many frames",
+                                            "! the server closed the connection"]
 
 
 # --- refusals ----------------------------------------------------------------
@@ -483,12 +488,20 @@ def test_incoming_message_does_not_garble_typing(server, connect, terminal):
     assert messages_from(alice, "bob@127.0.0.1", 1) == ["half a thought, finished"]
 
 
-def test_terminal_shows_shutdown_and_exits_zero(server, terminal):
+def test_terminal_ctrl_c_while_reconnecting_exits_zero(server, terminal):
     term = terminal(server.port, "bob")
     term.wait(lambda: term.cursor_row() == "[bob@127.0.0.1]>", "the prompt")
     term.child.send("unsent draft")
     server.terminate()
     term.wait(lambda: "! shutdown: the server is shutting down" in term.rows(), "the notice")
+    term.wait(lambda: "! the server is restarting or stopping; reconnecting (Ctrl-C to stop)"
+              in term.rows(), "the reconnecting line")
+    # Enter while disconnected keeps the line and says why.
+    term.child.send("\r")
+    term.wait(lambda: any("not connected: reconnecting; the line is kept" in r
+                          for r in term.rows()), "the refusal")
+    assert term.cursor_row() == "[bob@127.0.0.1]> unsent draft"
+    term.child.sendcontrol("c")
     term.child.expect(pexpect.EOF, timeout=5)
     term.child.close()
     assert term.child.exitstatus == 0
