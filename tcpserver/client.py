@@ -377,7 +377,8 @@ class Session:
 
         Waits while reconnecting.  Returns True if the reply came; False
         after another error (shown) or no reply within ``timeout``.  A
-        rate-limited frame is resent after a pause; while a rate-limit
+        rate-limited frame, or one the room could not store
+        (``room_unavailable``), is resent after a pause; while a rate-limit
         streak lasts the server drops frames without another error, so a
         resent frame with no reply is resent again.  If the connection
         drops first, the gap filled after the rejoin may hold the reply;
@@ -395,8 +396,11 @@ class Session:
                 await asyncio.wait({future, ended}, timeout=timeout,
                                    return_when=asyncio.FIRST_COMPLETED)
                 ended.cancel()
-            except OSError:
-                pass  # the receiver notices the loss
+            except OSError as exc:
+                # A failed write means a broken link: wait for the receiver
+                # to see it end, then go the way of any drop.
+                log.debug("send failed: %s", exc)
+                await conn.ended.wait()
             if not future.done() and conn.ended.is_set():
                 # Published before the drop? The gap fill will show it.
                 await self.ready.wait()
@@ -407,7 +411,10 @@ class Session:
                 return True
             if result == "closed":
                 continue
-            if result == "rate_limited" or (result == "timeout" and resent):
+            # room_unavailable: the room could not store it (e.g. disk
+            # full) and did not publish it; it recovers by itself.
+            if result in ("rate_limited", "room_unavailable") or (result == "timeout"
+                                                                   and resent):
                 resent = True
                 await asyncio.sleep(RATE_LIMIT_PAUSE)
                 continue

@@ -532,3 +532,32 @@ def test_an_over_long_piped_line_is_skipped_with_the_limit(server, connect):
     assert result.stderr.count("! not sent: a message is at most 4000 characters and this "
                                "one has 4001; skipped") == 2, result.stderr
     assert messages_from(alice, "bob@127.0.0.1", 2) == ["before", "after"]
+
+
+def test_a_piped_line_the_room_could_not_store_is_sent_again(piped):
+    def script(sock, decoder):
+        read_message(sock, decoder)  # the hello
+        for message in (
+            {"type": "welcome", "name": "bob", "label": "bob@10.1.2.3", "epoch": "e1",
+             "last_seq": 0, "members": ["bob@10.1.2.3"], "more": False, "history": 0},
+            {"type": "join", "seq": 1, "member": "bob@10.1.2.3", "ts": 0},
+        ):
+            sock.sendall(protocol.encode_frame(message))
+        assert read_message(sock, decoder) == {"type": "say", "text": "keep me"}
+        sock.sendall(protocol.encode_frame({"type": "error", "code": "room_unavailable",
+                                            "message": "storage: disk is full"}))
+        assert read_message(sock, decoder) == {"type": "say", "text": "keep me"}
+        sock.sendall(protocol.encode_frame({"type": "message", "seq": 2, "ts": 0,
+                                            "from": "bob@10.1.2.3", "text": "keep me"}))
+        assert read_message(sock, decoder) == {"type": "quit"}
+        sock.sendall(protocol.encode_frame({"type": "leave", "seq": 3, "ts": 0,
+                                            "member": "bob@10.1.2.3", "reason": "quit"}))
+
+    port, thread, failures = fake_server(script)
+    bob = piped(port, "bob")
+    bob.type("keep me")
+    bob.expect(rf"^{TIME} bob@10.1.2.3: keep me$")
+    assert bob.finish() == 0
+    thread.join(10)
+    assert not failures, failures
+    assert "! room_unavailable: storage: disk is full" in bob.text("err")
