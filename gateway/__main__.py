@@ -5,17 +5,22 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import signal
 import sys
 
-from gateway import app
+from gateway import app, workers
 from gateway.config import GatewayConfig, build_parser, config_from_args
 
 log = logging.getLogger("gateway")
 
 
-async def serve(config: GatewayConfig) -> int:
-    """Serve until SIGINT or SIGTERM; return the exit code (0 clean, 1 not started)."""
+async def serve(config: GatewayConfig, worker: int | None = None) -> int:
+    """Serve until SIGINT or SIGTERM; return the exit code (0 clean, 1 not started).
+
+    As worker ``worker`` of a ``--workers`` parent, say so on stdout once
+    listening (``gateway.workers``).
+    """
     try:
         runner, _url = await app.start(config)
     except OSError as exc:
@@ -27,6 +32,8 @@ async def serve(config: GatewayConfig) -> int:
         return 1
     log.info("answering to Host: %s (add names with --server-name)",
              runner.app[app.SERVED].describe())
+    if worker is not None:
+        os.write(sys.stdout.fileno(), workers.READY)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -44,16 +51,20 @@ async def serve(config: GatewayConfig) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, serve, return the exit code."""
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    who = "" if args.worker is None else f"[worker {args.worker}] "
     logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+                        format=f"%(asctime)s {who}%(name)s %(levelname)s %(message)s")
     try:
         config = config_from_args(args)
     except ValueError as exc:
         log.error("%s", exc)
         return 2
+    if config.workers > 1 and args.worker is None:
+        return workers.run(config, argv)
     try:
-        return asyncio.run(serve(config))
+        return asyncio.run(serve(config, args.worker))
     except FileNotFoundError as exc:
         log.error("%s", exc)
         return 1

@@ -87,7 +87,9 @@ def create_app(config: GatewayConfig | None = None) -> web.Application:
 
     # autoescape is on for every template: names and text are user input.
     aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(templates_dir), autoescape=True)
-    health = HealthView(probe, lambda: bridge.session_count, gateway.__version__)
+    sessions = ((lambda: bridge.session_count) if metrics.multiprocess_dir is None
+                else metrics.sessions_open)  # with --workers: all workers' sessions
+    health = HealthView(probe, sessions, gateway.__version__)
     app.router.add_get("/", _index)
     app.router.add_get("/ws", bridge.handle)
     app.router.add_get("/health", health.handle)
@@ -145,7 +147,9 @@ async def start(config: GatewayConfig) -> tuple[web.AppRunner, str]:
     """
     runner = web.AppRunner(create_app(config), shutdown_timeout=5.0)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.http_port)
+    # Workers share the port: the kernel spreads new connections over them.
+    site = web.TCPSite(runner, config.host, config.http_port,
+                       reuse_port=config.workers > 1 or None)
     try:
         await site.start()
     except BaseException:

@@ -58,6 +58,9 @@ class GatewayConfig:
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     health_timeout: float = DEFAULT_HEALTH_TIMEOUT
     health_cache: float = DEFAULT_HEALTH_CACHE
+    # Processes serving the HTTP port together (SO_REUSEPORT); see
+    # gateway.workers.  Every limit above is per process.
+    workers: int = 1
 
     @property
     def chat_address(self) -> str:
@@ -144,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="frames held for a slow browser: when more arrive while "
                         "this many still wait, its session is closed with 1013 "
                         f"(default {DEFAULT_QUEUE_SIZE})")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="worker processes sharing the HTTP port (SO_REUSEPORT); "
+                        "one per core the chat server leaves free (default 1)")
+    # Set by a --workers parent for its children: which worker this is.
+    parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
     return parser
@@ -154,7 +162,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
 
     Raises ValueError for a bad CIDR, origin, server name or limit.
     """
-    for option in ("max_sessions_per_ip", "max_frame", "queue_size"):
+    for option in ("max_sessions_per_ip", "max_frame", "queue_size", "workers"):
         if getattr(args, option) <= 0:
             raise ValueError(f"--{option.replace('_', '-')} must be positive")
     for option in ("http_port", "chat_port"):
@@ -172,4 +180,5 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         max_sessions_per_ip=args.max_sessions_per_ip,
         max_frame=args.max_frame,
         queue_size=args.queue_size,
+        workers=args.workers,
     )

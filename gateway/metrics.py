@@ -3,9 +3,19 @@
 A registry per app (not the process-wide default) lets tests build many
 apps in one process without "duplicated timeseries" errors, and keeps one
 app's numbers out of another's /metrics.
+
+With ``--workers N`` each worker is its own process, so its numbers alone
+would be a fraction of the truth.  The parent then sets
+``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's multiprocess mode, read
+when prometheus_client is imported): every worker writes its values to
+files there, and any worker's /metrics adds up all of them.  Counters are
+summed over every worker that ever ran (a restarted worker does not reset
+them); the sessions gauge is summed over live workers only ("livesum").
 """
 
 from __future__ import annotations
+
+import os
 
 from aiohttp import web
 from prometheus_client import (
@@ -15,6 +25,9 @@ from prometheus_client import (
     Gauge,
     generate_latest,
 )
+from prometheus_client.multiprocess import MultiProcessCollector
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 # Session close reasons, the values of the ``reason`` label.
 CLOSE_REASONS = (
@@ -33,8 +46,10 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.multiprocess_dir = os.environ.get(MULTIPROC_ENV)
         self.sessions = Gauge(
-            "gateway_sessions", "WebSocket sessions open now", registry=self.registry)
+            "gateway_sessions", "WebSocket sessions open now", registry=self.registry,
+            multiprocess_mode="livesum")
         self.relayed = Counter(
             "gateway_messages_relayed", "Messages relayed, by direction",
             ["direction"], registry=self.registry)
@@ -53,8 +68,21 @@ class Metrics:
         for reason in CLOSE_REASONS:
             self.closes.labels(reason)
 
+    def _merged(self) -> CollectorRegistry:
+        """The registry to report: ours, or every worker's added up."""
+        if self.multiprocess_dir is None:
+            return self.registry
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, self.multiprocess_dir)
+        return merged
+
+    def sessions_open(self) -> int:
+        """WebSocket sessions open now, in every worker."""
+        value = self._merged().get_sample_value("gateway_sessions")
+        return int(value or 0)
+
     def render(self) -> web.Response:
         """Return a /metrics response in the Prometheus text format."""
-        response = web.Response(body=generate_latest(self.registry))
+        response = web.Response(body=generate_latest(self._merged()))
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return response
