@@ -86,6 +86,7 @@ class Room:
         self._staged_by: list[Client | None] = []  # who staged each event
         self._presence_sent = (0, 0.0)  # (count, when)
         self._large_announced = False
+        self._storage_failing = False
         self._handlers = {
             "hello": self._on_hello, "say": self._on_say, "private": self._on_private,
             "who": self._on_who, "history": self._on_history, "ping": self._on_ping,
@@ -131,14 +132,22 @@ class Room:
         message is told ``room_unavailable``, and the failure is logged."""
         staged_by, self._staged_by = self._staged_by, []
         try:
-            return self.log.commit()
+            frames = self.log.commit()
         except StorageError as exc:
-            log.error("room log: %s; %d events not published", exc, len(staged_by))
+            # One error line per episode: a full disk must not flood the log.
+            if not self._storage_failing:
+                log.error("room log: %s; events are not published until storing works "
+                          "again", exc)
+            self._storage_failing = True
+            log.debug("room log: %d events not published", len(staged_by))
             for sender in staged_by:
                 if sender is not None and not sender.closed:
                     self._error(sender, "room_unavailable",
                                 "the room cannot store messages right now; send it again later")
             return []
+        if self.log.degraded is None:
+            self._storage_failing = False  # the episode is over
+        return frames
 
     def tick(self, now: float) -> None:
         """Send the member count of a large room, at most every 0.25 s."""

@@ -34,7 +34,7 @@ import time
 from tcpserver import protocol, settings
 from tcpserver.client_state import Client
 from tcpserver.room import RoomStream
-from tcpserver.roomlog import MemoryLog, RoomLog
+from tcpserver.roomlog import MemoryLog, RoomLog, StorageError
 from tcpserver.rules import Room
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,8 @@ CLOSE_GRACE = 2.0
 # client drains them: large enough for few reads, small enough that one
 # client's replay pins little memory.
 REPLAY_CHUNK = 256 * 1024
+# Retention work per timer tick (a step deletes at most 1000 events).
+PRUNE_BUDGET = 0.01
 # While a client's requests wait (a reply still unsent), its socket is read
 # only until this much input is buffered; then TCP pushes back.
 PAUSED_INPUT_BYTES = 2 * protocol.MAX_FRAME_SIZE
@@ -633,6 +635,14 @@ class ChatServer:
                 self.send(client, protocol.encode_frame({"type": "ping", "token": "idle"},
                                                         self.limits.max_frame))
         self.room.tick(now)
+        self._prune()
+
+    def _prune(self) -> None:
+        """Retention, in small steps: more than one only while the steps are
+        quick, so the loop never stops for long."""
+        deadline = time.monotonic() + PRUNE_BUDGET
+        while self.log.prune() and time.monotonic() < deadline:
+            pass
 
     def _begin_shutdown(self) -> None:
         """Stop accepting, tell everyone, and let the loop flush and close."""
@@ -695,17 +705,35 @@ def main(args: argparse.Namespace) -> int:
     try:
         limits = settings.limits_from_args(args)
         trusted = settings.trusted_networks(args)
+        storage = settings.storage_from_args(args, limits)
     except ValueError as exc:
         log.error("%s", exc)
         return 2
     _raise_descriptor_limit(limits.max_clients + 64)
     try:
-        server = ChatServer(args.host, args.port, limits, args.backend, trusted)
+        roomlog = open_roomlog(storage, limits)
+    except StorageError as exc:
+        log.error("%s", exc)
+        return 1
+    try:
+        server = ChatServer(args.host, args.port, limits, args.backend, trusted, roomlog)
     except (OSError, ValueError) as exc:
+        roomlog.close()
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         log.error("cannot listen on %s:%d: %s", args.host, args.port, reason)
         return 1
     return server.serve_forever(watch_stdin=_interactive_stdin())
+
+
+def open_roomlog(storage: settings.Storage, limits: settings.Limits) -> RoomLog:
+    """The room log ``storage`` names: MemoryLog for ``:memory:``, else
+    SqliteLog.  Raises StorageError (one line) if the file cannot be used."""
+    if storage.in_memory:
+        return MemoryLog(limits.max_frame, limits.history, storage.retain_events)
+    from tcpserver.sqlitelog import SqliteLog
+
+    return SqliteLog(storage.db, limits.max_frame, limits.history, storage.retain_events,
+                     storage.retain_days)
 
 
 def _interactive_stdin() -> bool:

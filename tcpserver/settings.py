@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 from tcpserver import protocol
 
@@ -13,6 +15,37 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # Loopback is trusted by default so that the web gateway, which runs on the
 # same machine, can forward its browsers' real addresses.
 DEFAULT_TRUSTED_PROXIES = ("127.0.0.0/8", "::1/128")
+
+
+# --db :memory: keeps events in memory only, nothing across restarts.
+MEMORY_DB = ":memory:"
+# Events kept on disk: about 200 MB of 100-byte messages (README), enough
+# for months of a busy room; pruning keeps the file from growing past it.
+DEFAULT_RETAIN_EVENTS = 1_000_000
+
+
+def default_db_path() -> Path:
+    """The per-user state file: ``$XDG_STATE_HOME/chatroom/room.db``, or
+    ``~/.local/state/chatroom/room.db`` (XDG Base Directory spec: a relative
+    XDG_STATE_HOME is ignored)."""
+    state = os.environ.get("XDG_STATE_HOME", "")
+    base = Path(state) if os.path.isabs(state) else Path.home() / ".local" / "state"
+    return base / "chatroom" / "room.db"
+
+
+@dataclass(frozen=True)
+class Storage:
+    """Where the room log lives and how much of it is kept."""
+    # A file path, or MEMORY_DB.
+    db: str
+    # Most events held (older ones are pruned, oldest first).
+    retain_events: int = DEFAULT_RETAIN_EVENTS
+    # Events older than this many days are pruned; 0: no age limit.
+    retain_days: float = 0.0
+
+    @property
+    def in_memory(self) -> bool:
+        return self.db == MEMORY_DB
 
 
 # A welcome with a long label and a few members must still fit in a frame.
@@ -89,6 +122,15 @@ def add_arguments(group: argparse._ActionsContainer) -> None:
     group.add_argument("--trusted-proxy", action="append", default=None, metavar="ADDR",
                        help="address or CIDR whose forwarded client address is honoured; "
                        "repeatable (default: loopback)")
+    group.add_argument("--db", default=None, metavar="PATH",
+                       help="room log database (SQLite) file, or :memory: to keep nothing "
+                       "across restarts (default $XDG_STATE_HOME/chatroom/room.db, else "
+                       "~/.local/state/chatroom/room.db)")
+    group.add_argument("--retain-events", type=int, default=None, metavar="N",
+                       help=f"most room events kept (default {DEFAULT_RETAIN_EVENTS} in a "
+                       "database; --history with --db :memory:)")
+    group.add_argument("--retain-days", type=float, default=0.0, metavar="D",
+                       help="prune events older than D days (default 0: no age limit)")
 
 
 def limits_from_args(args: argparse.Namespace) -> Limits:
@@ -100,6 +142,21 @@ def limits_from_args(args: argparse.Namespace) -> Limits:
     if limits.max_frame < MIN_FRAME:
         raise ValueError(f"--max-frame must be at least {MIN_FRAME}")
     return limits
+
+
+def storage_from_args(args: argparse.Namespace, limits: Limits) -> Storage:
+    """Build Storage from parsed options; raise ValueError if one is out of range."""
+    db = args.db if args.db is not None else str(default_db_path())
+    if not db:
+        raise ValueError("--db must name a file (or :memory:)")
+    retain = args.retain_events
+    if retain is None:
+        retain = limits.history if db == MEMORY_DB else DEFAULT_RETAIN_EVENTS
+    if retain <= 0:
+        raise ValueError("--retain-events must be positive")
+    if not args.retain_days >= 0:  # also refuses nan
+        raise ValueError("--retain-days must be 0 (no age limit) or positive")
+    return Storage(db, retain, args.retain_days)
 
 
 def trusted_networks(args: argparse.Namespace) -> tuple[IPNetwork, ...]:

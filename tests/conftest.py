@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -72,6 +74,12 @@ class ServerProcess(Program):
     is read from the server's own ``listening on HOST:PORT`` log line."""
 
     def __init__(self, log_dir: Path, *args: str) -> None:
+        if not any(arg == "--db" or arg.startswith("--db=") for arg in args):
+            # A real SQLite file per server, never the user's state directory.
+            self.db = log_dir / f"room-{time.monotonic_ns()}.db"
+            args = (f"--db={self.db}", *args)
+        else:
+            self.db = None
         super().__init__(log_dir, "-m", "tcpserver", "--name=server", "--port=0",
                          "--log-level=debug", *args)
         try:
@@ -299,9 +307,29 @@ def time_limit():
     signal.signal(signal.SIGALRM, old)
 
 
+_SESSION_STATE: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def state_home(tmp_path, monkeypatch) -> Path:
+    """Each test's own XDG_STATE_HOME, so a server started without --db (a
+    launcher, ``chatroom`` bare) never touches the user's room database."""
+    path = tmp_path / "state"
+    monkeypatch.setenv("XDG_STATE_HOME", str(path))
+    return path
+
+
 def pytest_configure(config):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    # For session-wide fixtures too (the per-test one above overrides it).
+    _SESSION_STATE.append(tempfile.mkdtemp(prefix="chatroom-state-"))
+    os.environ["XDG_STATE_HOME"] = _SESSION_STATE[0]
+
+
+def pytest_unconfigure(config):
+    for path in _SESSION_STATE:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def pytest_sessionfinish(session, exitstatus):

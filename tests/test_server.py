@@ -133,8 +133,8 @@ def test_history_after_a_sequence_number(connect):
     assert [alice.recv() for _ in range(3)] == events[2:]
 
 
-def test_history_ring_is_bounded_and_reports_the_gap(start_server, open_client):
-    server = start_server("--history=3", "--max-per-ip=50")
+def test_retention_bounds_history_and_reports_the_gap(start_server, open_client):
+    server = start_server("--retain-events=3", "--max-per-ip=50")
     alice = open_client(server.port)
     alice.join("alice")
     for i in range(6):

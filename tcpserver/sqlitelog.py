@@ -1,0 +1,260 @@
+"""The room log in an SQLite file (stdlib ``sqlite3``), the default.
+
+Layout: ``events(seq INTEGER PRIMARY KEY, ts INTEGER, frame BLOB)``, where
+``seq`` is the rowid (so ``MAX(seq)`` and range reads walk the B-tree, never
+the table), ``ts`` is the commit time in ms (for ``--retain-days``) and
+``frame`` the encoded frame exactly as members were sent it; plus
+``meta(key, value)`` holding the room's ``epoch``.
+
+WAL mode with ``synchronous=NORMAL``: a commit survives a killed process
+(the WAL is in the OS's cache at once); only a power loss may take the last
+commits back.  One transaction per loop turn.
+
+A second server on the same file is refused: ``PATH.lock`` holds an
+``fcntl.flock`` for the server's lifetime and its PID, which the refusal
+names.  The kernel drops the lock when the process dies, even by SIGKILL.
+
+Start-up reads the epoch, ``MIN``/``MAX(seq)`` and the newest ``recent``
+frames: a handful of index reads, whatever the file's size.  Memory is
+SQLite's page cache (``CACHE_KIB``) plus ``recent`` frames.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import sqlite3
+import time
+from pathlib import Path
+
+from tcpserver.roomlog import RoomLog, StorageError, new_epoch
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+# Retention deletes at most this many rows per step (a few ms), so pruning
+# never stops the loop for long.
+PRUNE_STEP = 1000
+# SQLite's page cache, bounded so memory does not follow the file's size.
+CACHE_KIB = 8 * 1024
+# For tests only: a file holding a page count, applied as
+# ``PRAGMA max_page_count`` at open and re-read on every prune tick, to
+# simulate a full disk (README, "Storage faults").
+TEST_MAX_PAGES_ENV = "CHATROOM_TEST_DB_MAX_PAGES_FILE"
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY, ts INTEGER NOT NULL, "
+    "frame BLOB NOT NULL)",
+)
+# MIN and MAX in one SELECT would scan the table; as two subqueries each
+# is one B-tree descent.
+_BOUNDS = "SELECT (SELECT MIN(seq) FROM events), (SELECT MAX(seq) FROM events)"
+_TAIL = "SELECT seq, frame FROM events WHERE seq >= ? ORDER BY seq"
+_INSERT = "INSERT INTO events (seq, ts, frame) VALUES (?, ?, ?)"
+_RANGE = "SELECT frame FROM events WHERE seq BETWEEN ? AND ? ORDER BY seq"
+
+
+class SqliteLog(RoomLog):
+    """Room events in the SQLite file at ``path``.
+
+    ``retain_events``: at most this many events are held (older ones are
+    gone for history at once, and deleted by ``prune`` in steps);
+    ``retain_days``: events older than this are deleted (0: no age limit).
+
+    Raises StorageError (one line, naming the file) if the file cannot be
+    opened, created, written or is not a database, or if another process
+    holds it.
+    """
+
+    def __init__(self, path: str | os.PathLike, max_frame: int, recent: int,
+                 retain_events: int, retain_days: float = 0.0) -> None:
+        super().__init__(max_frame, recent)
+        self.path = Path(path)
+        self.retain_events = retain_events
+        self.retain_days = retain_days
+        self._degraded: str | None = None
+        self._lock_fd = _lock(self.path)
+        try:
+            self._db = self._open()
+        except sqlite3.Error as exc:
+            os.close(self._lock_fd)
+            raise StorageError(f"cannot use the room database {self.path}: {exc}") from None
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+
+    def _open(self) -> sqlite3.Connection:
+        # isolation_level=None: transactions are ours (BEGIN/COMMIT), one per turn.
+        db = sqlite3.connect(self.path, isolation_level=None, cached_statements=16)
+        try:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise sqlite3.DatabaseError(
+                    f"written by a newer version (schema {version}, this one knows "
+                    f"{SCHEMA_VERSION})")
+            mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode != "wal":
+                raise sqlite3.DatabaseError(f"cannot use WAL mode (got {mode})")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+            db.execute("BEGIN IMMEDIATE")  # also proves the file is writable
+            for statement in _SCHEMA:
+                db.execute(statement)
+            row = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
+            self.fresh = row is None
+            self.epoch = new_epoch() if row is None else row[0]
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('epoch', ?)", (self.epoch,))
+            opened = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('opened_by', ?)",
+                       (f"pid {os.getpid()} at {opened}",))
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            db.execute("COMMIT")
+            first, last = db.execute(_BOUNDS).fetchone()
+            self._last_seq = last or 0
+            self._db_first = first if first is not None else self._last_seq + 1
+            start = max(self._db_first, self._last_seq - self._recent.maxlen + 1)
+            self._recent.extend(db.execute(_TAIL, (start,)))
+            _apply_test_page_cap(db)
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    # --- RoomLog ----------------------------------------------------------
+
+    def _store(self, events: list[tuple[int, bytes]]) -> None:
+        now = int(time.time() * 1000)
+        db = self._db
+        try:
+            db.execute("BEGIN")
+            db.executemany(_INSERT, [(seq, now, frame) for seq, frame in events])
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback()
+            self._degraded = f"storage: {exc}"
+            raise StorageError(self._degraded) from None
+        if self._degraded is not None:
+            log.warning("room log: storing works again (%s)", self.path)
+            self._degraded = None
+
+    def _load(self, first: int, last: int, max_bytes: int) -> list[bytes]:
+        out: list[bytes] = []
+        size = 0
+        try:
+            cursor = self._db.execute(_RANGE, (first, last))
+            # The cursor steps through the B-tree lazily: stopping early
+            # reads no more rows than are returned.
+            for (frame,) in cursor:
+                if out and size + len(frame) > max_bytes:
+                    break
+                out.append(frame)
+                size += len(frame)
+            cursor.close()
+        except sqlite3.Error as exc:
+            log.error("room log: cannot read events %d..%d: %s", first, last, exc)
+        return out
+
+    def _first_seq(self) -> int:
+        # Events past --retain-events are gone for readers at once; prune
+        # deletes them from the file later, in steps.
+        return max(self._db_first, self._last_seq - self.retain_events + 1)
+
+    def prune(self) -> int:
+        """Delete at most PRUNE_STEP of the oldest events past retention, in
+        one transaction; return how many.  Oldest first, so the held seqs
+        stay contiguous.  While storing fails, also checks (with a write
+        rolled back) whether it works again, so ``degraded`` clears without
+        waiting for a message."""
+        _apply_test_page_cap(self._db)
+        if self._degraded is not None:
+            self._probe()
+        stop = min(self._first_seq(), self._db_first + PRUNE_STEP)  # delete seq < stop
+        try:
+            if self.retain_days > 0:
+                cutoff = int((time.time() - self.retain_days * 86400) * 1000)
+                young = self._db.execute(
+                    "SELECT MIN(seq) FROM events WHERE seq >= ? AND seq < ? AND ts >= ?",
+                    (self._db_first, self._db_first + PRUNE_STEP, cutoff)).fetchone()[0]
+                stop = max(stop, min(self._db_first + PRUNE_STEP,
+                                     young if young is not None else self._last_seq + 1))
+            if stop <= self._db_first:
+                return 0
+            self._db.execute("DELETE FROM events WHERE seq < ?", (stop,))
+        except sqlite3.Error as exc:
+            self._rollback()
+            log.warning("room log: pruning failed: %s", exc)
+            return 0
+        removed = stop - self._db_first
+        self._db_first = stop
+        return removed
+
+    def _probe(self) -> None:
+        """While degraded: does a page-sized write fit again?  Rolled back."""
+        try:
+            self._db.execute("BEGIN")
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('probe', ?)",
+                             ("x" * 8192,))
+        except sqlite3.Error:
+            self._rollback()
+            return
+        self._rollback()
+        log.warning("room log: storing works again (%s)", self.path)
+        self._degraded = None
+
+    def _rollback(self) -> None:
+        if self._db.in_transaction:
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                log.debug("rollback failed: %s", exc)
+
+    @property
+    def degraded(self) -> str | None:
+        return self._degraded
+
+    def close(self) -> None:
+        try:
+            self._db.close()
+        finally:
+            os.close(self._lock_fd)
+
+    def describe(self) -> str:
+        days = f", {self.retain_days:g} days" if self.retain_days > 0 else ""
+        fresh = "new database, a new epoch; " if self.fresh else ""
+        return f"sqlite {self.path} ({fresh}keeps {self.retain_events} events{days})"
+
+
+def _lock(path: Path) -> int:
+    """Create the file's directory, take ``PATH.lock`` and write our PID in
+    it; return its descriptor.  Raises StorageError naming the holder."""
+    lock_path = path.with_name(path.name + ".lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise StorageError(f"cannot use the room database {path}: "
+                           f"{exc.strerror or exc} ({exc.filename or lock_path})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StorageError(f"the room database {path} is in use by another chat server "
+                           f"(pid {holder}, see {lock_path}); stop it or choose another "
+                           "file with --db") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _apply_test_page_cap(db: sqlite3.Connection) -> None:
+    name = os.environ.get(TEST_MAX_PAGES_ENV)
+    if not name:
+        return
+    try:
+        pages = int(Path(name).read_text().strip())
+    except (OSError, ValueError):
+        return
+    db.execute(f"PRAGMA max_page_count={pages}")
