@@ -128,7 +128,7 @@ def _other_value(action: argparse.Action):
     if isinstance(action, argparse._AppendAction):
         return ["10.0.0.0/8", "192.0.2.1"]
     if action.type in (int, float):
-        return action.type(action.default * 3 + 7)
+        return action.type((action.default or 0) * 3 + 7)  # None: "not given"
     return "some-value"
 
 
