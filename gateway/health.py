@@ -6,11 +6,14 @@ exactly so that probes never join the room), waits for the matching
 concurrent requests share one in-flight probe, so however hard /health is
 polled the chat server sees at most one probe connection per period.
 
-The answer, 200 while the chat server answers and 503 when not::
+The answer, 200 while the chat server answers and can store messages, 503
+when it does not answer ("unavailable") or says in its pong that it is
+``degraded`` (e.g. its disk is full: it refuses messages until it can store
+them)::
 
-    {"status": "ok" | "unavailable",
+    {"status": "ok" | "degraded" | "unavailable",
      "chat_server": {"reachable": bool, "rtt_ms": float | null, "address": "host:port",
-                     "error": str | null},
+                     "error": str | null, "degraded": str | null},
      "sessions": int, "uptime_s": float, "version": str}
 """
 
@@ -36,6 +39,8 @@ class ProbeResult:
     reachable: bool
     rtt_ms: float | None
     error: str | None = None
+    # The pong's reason the room cannot accept messages, if any.
+    degraded: str | None = None
 
 
 class HealthProbe:
@@ -85,15 +90,20 @@ class HealthProbe:
         writer: asyncio.StreamWriter | None = None
         token = f"health-{next(self._tokens)}"
         try:
-            async def ping() -> None:
+            async def ping() -> dict:
                 nonlocal writer
                 reader, writer = await asyncio.open_connection(
                     self.config.chat_host, self.config.chat_port)
                 writer.write(protocol.encode_frame({"type": "ping", "token": token}))
-                await _await_pong(reader, token, self.config.max_frame)
+                return await _await_pong(reader, token, self.config.max_frame)
 
-            await asyncio.wait_for(ping(), self.config.health_timeout)
-            return ProbeResult(True, round((time.monotonic() - start) * 1000, 3))
+            pong = await asyncio.wait_for(ping(), self.config.health_timeout)
+            degraded = pong.get("degraded")
+            if degraded is not None:
+                log.warning("chat server at %s is degraded: %s", self.config.chat_address,
+                            degraded)
+            return ProbeResult(True, round((time.monotonic() - start) * 1000, 3),
+                               degraded=degraded)
         except asyncio.TimeoutError:
             return self._failed(f"no pong within {self.config.health_timeout:g} s")
         except ConnectionRefusedError:
@@ -114,8 +124,8 @@ class HealthProbe:
         return ProbeResult(False, None, error)
 
 
-async def _await_pong(reader: asyncio.StreamReader, token: str, max_frame: int) -> None:
-    """Read until the pong for ``token``.
+async def _await_pong(reader: asyncio.StreamReader, token: str, max_frame: int) -> dict:
+    """Read until the pong for ``token``; return it.
 
     Raises ConnectionError if the server hangs up or refuses us first, and
     protocol.ProtocolError for a bad frame.
@@ -129,13 +139,14 @@ async def _await_pong(reader: asyncio.StreamReader, token: str, max_frame: int) 
         while (payload := decoder.next_payload()) is not None:
             message = protocol.parse_server_message(payload)
             if message["type"] == "pong" and message.get("token") == token:
-                return
+                return message
             if message["type"] == "error":
                 raise ConnectionError(f"{message['code']}: {message['message']}")
 
 
 class HealthView:
-    """GET /health: 200 while the chat server answers, 503 when not."""
+    """GET /health: 200 while the chat server answers and is not degraded,
+    503 when it does not answer or is degraded."""
 
     def __init__(self, probe: HealthProbe, sessions: Callable[[], int], version: str) -> None:
         self.probe = probe
@@ -146,17 +157,22 @@ class HealthView:
     async def handle(self, request: web.Request) -> web.Response:
         """Return the health document (see the module docstring); never raises."""
         result = await self.probe.check()
+        if not result.reachable:
+            status = "unavailable"
+        else:
+            status = "ok" if result.degraded is None else "degraded"
         body = {
-            "status": "ok" if result.reachable else "unavailable",
+            "status": status,
             "chat_server": {
                 "reachable": result.reachable,
                 "rtt_ms": result.rtt_ms,
                 "address": self.probe.config.chat_address,
                 "error": result.error,  # why it is unreachable, for the operator
+                "degraded": result.degraded,  # why it refuses messages
             },
             "sessions": self.sessions(),
             "uptime_s": round(time.monotonic() - self.started, 3),
             "version": self.version,
         }
-        return web.json_response(body, status=200 if result.reachable else 503,
+        return web.json_response(body, status=200 if status == "ok" else 503,
                                  headers={"Cache-Control": "no-store"})

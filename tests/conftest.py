@@ -73,7 +73,7 @@ class ServerProcess(Program):
     """``python -m tcpserver --name=server --port=0`` in a subprocess; ``port``
     is read from the server's own ``listening on HOST:PORT`` log line."""
 
-    def __init__(self, log_dir: Path, *args: str) -> None:
+    def __init__(self, log_dir: Path, *args: str, env: dict[str, str] | None = None) -> None:
         if not any(arg == "--db" or arg.startswith("--db=") for arg in args):
             # A real SQLite file per server, never the user's state directory.
             self.db = log_dir / f"room-{time.monotonic_ns()}.db"
@@ -81,7 +81,8 @@ class ServerProcess(Program):
         else:
             self.db = None
         super().__init__(log_dir, "-m", "tcpserver", "--name=server", "--port=0",
-                         "--log-level=debug", *args)
+                         "--log-level=debug", *args,
+                         env=None if env is None else {**os.environ, **env})
         try:
             match = self.wait_log(LISTENING)
         except AssertionError as exc:
@@ -92,14 +93,15 @@ class ServerProcess(Program):
 
 @pytest.fixture
 def start_server(tmp_path):
-    """Factory: ``start_server(*extra_cli_args) -> ServerProcess``.
+    """Factory: ``start_server(*extra_cli_args, env=None) -> ServerProcess``
+    (``env``: variables added to the environment).
 
     Every server started is killed at teardown if the test left it running.
     """
     started: list[ServerProcess] = []
 
-    def start(*args: str) -> ServerProcess:
-        server = ServerProcess(tmp_path, *args)
+    def start(*args: str, env: dict[str, str] | None = None) -> ServerProcess:
+        server = ServerProcess(tmp_path, *args, env=env)
         started.append(server)
         return server
 

@@ -729,7 +729,7 @@ async def test_health_unavailable_503(gateway_client):
     assert body["status"] == "unavailable"
     assert body["chat_server"] == {"reachable": False, "rtt_ms": None,
                                    "address": f"127.0.0.1:{port}",
-                                   "error": "connection refused"}
+                                   "error": "connection refused", "degraded": None}
 
 
 async def test_health_follows_the_chat_server_stopping_and_starting(gateway_client,
@@ -750,6 +750,43 @@ async def test_health_follows_the_chat_server_stopping_and_starting(gateway_clie
     await status_becomes(200)
     body = await (await client.get("/health")).json()
     assert body["chat_server"]["reachable"] is True
+
+
+async def test_health_reports_a_degraded_room_503_until_it_recovers(gateway_client,
+                                                                    start_server, tmp_path):
+    # The chat server's disk "fills up" (SQLite max_page_count, a testing
+    # knob); its pongs then say why, and /health must pass that on.
+    cap = tmp_path / "max-pages"
+    cap.write_text("1")  # no growth from the start
+    server = start_server(env={"CHATROOM_TEST_DB_MAX_PAGES_FILE": str(cap)})
+    client = await gateway_client(server.port, health_cache=0)
+    alice = RawClient(server.port)
+    try:
+        await in_thread(alice.join, "alice")
+        for i in range(200):  # bounded: a few pages fill in a few dozen
+            await in_thread(alice.send, {"type": "say", "text": f"{i} " + "x" * 3000})
+            reply, _ = await in_thread(alice.recv_until, lambda m: m["type"] in (
+                "message", "error"))
+            if reply["type"] == "error":
+                break
+        assert reply["code"] == "room_unavailable"
+        response = await client.get("/health")
+        body = await response.json()
+        assert response.status == 503 and body["status"] == "degraded"
+        assert body["chat_server"]["reachable"] is True
+        assert body["chat_server"]["degraded"] == "storage: database or disk is full"
+
+        cap.write_text("1000000")  # space again: the server notices by itself
+
+        async def recovered():
+            while (await client.get("/health")).status != 200:
+                await asyncio.sleep(0.1)
+        await asyncio.wait_for(recovered(), 10)
+        body = await (await client.get("/health")).json()
+        assert body["status"] == "ok" and body["chat_server"]["degraded"] is None
+    finally:
+        alice.close()
+    assert server.log_text().count("database or disk is full; events are not published") == 1
 
 
 async def test_health_times_out_on_a_silent_server(gateway_client):
