@@ -33,6 +33,7 @@ import time
 
 from tcpserver import protocol, settings
 from tcpserver.client_state import Client
+from tcpserver.metrics import MetricsServer, ServerStats, registry_for
 from tcpserver.room import RoomStream
 from tcpserver.roomlog import MemoryLog, RoomLog, StorageError
 from tcpserver.rules import Room
@@ -77,7 +78,7 @@ class ChatServer:
 
     def __init__(self, host: str, port: int, limits: settings.Limits,
                  backend: str = "auto", trusted=settings.DEFAULT_TRUSTED_PROXIES,
-                 roomlog: RoomLog | None = None) -> None:
+                 roomlog: RoomLog | None = None, stats: ServerStats | None = None) -> None:
         selector_class = _BACKENDS[backend]
         if selector_class is None:
             raise ValueError(f"the {backend} backend is not available on this platform")
@@ -105,6 +106,9 @@ class ChatServer:
         self.log = roomlog
         self.room = Room(limits, roomlog, self, self.trusted)
         self._flushed_end = 0
+        # Counters for --metrics-port, kept whether or not it is served.
+        self.stats = stats if stats is not None else ServerStats()
+        self._delivered_upto = 0  # stats.stream_events already counted as delivered
         self.now = time.monotonic()
         self._next_tick = self.now
         self.stopping = False
@@ -248,10 +252,12 @@ class ChatServer:
             return self._refuse(sock, ip, "server_full", f"cannot watch connection: {exc}")
         self.clients[fd] = client
         self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+        self.stats.accepted += 1
         log.debug("connect from %s (fd %d)", ip, fd)
 
     def _refuse(self, sock: socket.socket, ip: str, code: str, message: str) -> None:
         log.warning("refused %s: %s", ip, message)
+        self.stats.refuse(code)
         try:
             sock.send(self._error_frame(code, message))
             # Read what the peer already sent: closing with unread input
@@ -375,6 +381,7 @@ class ChatServer:
 
     def broadcast(self, frame: bytes) -> None:
         self.stream.append(frame)
+        self.stats.stream_events += 1
 
     def follow(self, client: Client) -> None:
         client.pos = self.stream.end
@@ -400,8 +407,11 @@ class ChatServer:
 
     def _commit(self) -> None:
         """Make this turn's room events durable, then put them on the stream."""
-        for frame in self.room.commit():
+        frames = self.room.commit()
+        for frame in frames:
             self.stream.append(frame)
+        self.stats.published += len(frames)
+        self.stats.stream_events += len(frames)
         for client in self._leaving:
             if client.stop_at is None:
                 client.stop_at = self.stream.end
@@ -419,6 +429,10 @@ class ChatServer:
         stream_end = self.stream.end
         if stream_end > self._flushed_end:
             self._flushed_end = stream_end
+            # Deliveries counted once per flush, not per recipient.
+            stats = self.stats
+            stats.delivered += (stats.stream_events - self._delivered_upto) * len(self.streaming)
+            self._delivered_upto = stats.stream_events
             targets = list(self.streaming)
             targets.extend(self.dirty.difference(self.streaming))
         else:
@@ -485,6 +499,7 @@ class ChatServer:
             return self._drop(client, "hung_up")
         had_replies = client.reply_bytes
         client.advance(sent)
+        self.stats.bytes_out += sent
         if had_replies and not client.reply_bytes:
             self._input_ready.add(client)  # requests waiting behind the reply
         if client.pending(end):
@@ -554,6 +569,7 @@ class ChatServer:
         if backlog <= self.limits.slow_reader_bytes:
             return True
         log.warning("%s: evicted as a slow reader (%d bytes unsent)", client, backlog)
+        self.stats.evictions += 1
         self._leave(client, "slow_reader")
         self._close_now(client)
         return False
@@ -658,6 +674,7 @@ class ChatServer:
                                       self.limits.max_frame)
         # Members get the notice after every room event accepted before it.
         self.stream.append(frame)
+        self.stats.stream_events += 1
         for client in list(self.clients.values()):
             if client.closing:
                 continue
@@ -722,7 +739,23 @@ def main(args: argparse.Namespace) -> int:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         log.error("cannot listen on %s:%d: %s", args.host, args.port, reason)
         return 1
-    return server.serve_forever(watch_stdin=_interactive_stdin())
+    metrics = None
+    if args.metrics_port is not None:
+        try:
+            metrics = MetricsServer(registry_for(server.stats, lambda: len(server.streaming)),
+                                    args.host, args.metrics_port)
+        except OSError as exc:
+            log.error("cannot serve metrics on %s:%d: %s", args.host, args.metrics_port,
+                      exc.strerror or exc)
+            server.selector.close()
+            server.listener.close()
+            server.log.close()
+            return 1
+    try:
+        return server.serve_forever(watch_stdin=_interactive_stdin())
+    finally:
+        if metrics is not None:
+            metrics.close()
 
 
 def open_roomlog(storage: settings.Storage, limits: settings.Limits) -> RoomLog:

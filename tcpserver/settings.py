@@ -131,6 +131,21 @@ def add_arguments(group: argparse._ActionsContainer) -> None:
                        "database; --history with --db :memory:)")
     group.add_argument("--retain-days", type=float, default=0.0, metavar="D",
                        help="prune events older than D days (default 0: no age limit)")
+    group.add_argument("--metrics-port", type=metrics_port, default=None, metavar="PORT",
+                       help="serve Prometheus metrics at http://HOST:PORT/metrics, HOST "
+                       "being --host (default: off; 0 picks a free port)")
+
+
+def metrics_port(text: str) -> int:
+    """argparse type for --metrics-port: an int in 0..65535; raises
+    argparse.ArgumentTypeError otherwise (a usage error, exit 2)."""
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port {value} is out of range 0-65535")
+    return value
 
 
 def limits_from_args(args: argparse.Namespace) -> Limits:

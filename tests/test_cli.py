@@ -129,6 +129,8 @@ def _other_value(action: argparse.Action):
         return ["10.0.0.0/8", "192.0.2.1"]
     if action.type in (int, float):
         return action.type((action.default or 0) * 3 + 7)  # None: "not given"
+    if action.type is not None and action.type is not str:
+        return action.type("9100")  # a validating type (a port): a value it accepts
     return "some-value"
 
 
