@@ -134,7 +134,7 @@ def test_metrics_port_in_use_is_one_line_and_exit_1(tmp_path):
     taken = socket.create_server(("127.0.0.1", 0))
     try:
         result = subprocess.run(
-            [sys.executable, "-m", "tcpserver", "--name=server", "--port=0",
+            [sys.executable, "-m", "tcpserver", "--name=server", "--port=0", "--db=:memory:",
              f"--metrics-port={taken.getsockname()[1]}"],
             cwd=ROOT, capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL)
     finally:
