@@ -13,7 +13,9 @@ import signal
 import socket
 import threading
 
+import pexpect
 import pytest
+from test_client import Terminal
 
 from tcpserver import transcript
 from tcpserver.client import backoff
@@ -269,6 +271,41 @@ def test_resume_takes_the_name_back_from_a_stale_connection(server, proxy, piped
     assert (leave["member"], leave["reason"]) == ("bob@127.0.0.1", "replaced")
     bob.expect(rf"^{TIME} \* bob@127.0.0.1 left \(replaced by a new connection\)$")
     assert bob.finish() == 0
+
+
+def test_terminal_comes_back_with_the_gap_filled_and_the_prompt_intact(server, proxy, connect):
+    link = proxy(server.port)
+    term = Terminal(link.port, "bob")
+    try:
+        term.wait(lambda: term.cursor_row() == "[bob@127.0.0.1]>", "the prompt")
+        alice = connect("alice")
+        link.held = True
+        link.cut()
+        term.wait(lambda: "! the connection was lost; reconnecting (Ctrl-C to stop)"
+                  in term.rows(), "the reconnecting line")
+        for i in range(3):
+            alice.send({"type": "say", "text": f"while away {i}"})
+        alice.recv_until(lambda m: m["type"] == "message" and m["text"] == "while away 2")
+        term.child.send("typed meanwhile")
+        link.held = False
+        term.wait(lambda: "* reconnected as bob@127.0.0.1" in term.rows(), "the return")
+        term.wait(lambda: any(r.endswith("alice@127.0.0.1: while away 2") for r in term.rows()),
+                  "the missed lines")
+        rows = term.rows()
+        for i in range(3):
+            assert sum(r.endswith(f"alice@127.0.0.1: while away {i}") for r in rows) == 1, rows
+        term.wait(lambda: term.cursor_row() == "[bob@127.0.0.1]> typed meanwhile", "the draft")
+        term.child.send("\r")
+        msg, _ = alice.recv_until(lambda m: m["type"] == "message")
+        assert (msg["from"], msg["text"]) == ("bob@127.0.0.1", "typed meanwhile")
+        term.wait(lambda: any(r.endswith("bob@127.0.0.1: typed meanwhile") for r in term.rows())
+                  and term.cursor_row() == "[bob@127.0.0.1]>", "the echo and a fresh prompt")
+        term.child.sendcontrol("d")
+        term.child.expect(pexpect.EOF, timeout=5)
+        term.child.close()
+        assert term.child.exitstatus == 0
+    finally:
+        term.close()
 
 
 # --- /history --------------------------------------------------------------------
