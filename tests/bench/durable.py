@@ -134,7 +134,7 @@ def fill_and_restart(binary: Path, tmp: Path, args: argparse.Namespace) -> str:
     empty_row = ["0", f"{empty.ready_s:.2f}", f"{empty.rss_kib() / 1024:.1f}", "-", "-"]
     try:
         # Few members, deep windows: the bound is the server's store rate.
-        gen = Loadgen(binary, "throughput", "chat", empty.port, 20, publishers=20, window=16,
+        gen = Loadgen(binary, "throughput", "chat", empty.port, 5, publishers=5, window=64,
                       count=args.fill_events, seconds=args.timeout * 5, timeout=args.timeout)
         gen.line("seated")
         fill = gen.line("result")

@@ -126,7 +126,13 @@ def server_supports(option: str) -> bool:
 
 def start_server(tmp: Path, members: int, *extra: str, port: int = 0,
                  log_name: str = "server.log") -> Process:
-    """The chat server on loopback with room for ``members`` and no rate limit."""
+    """The chat server on loopback with room for ``members`` and no rate limit.
+
+    Without a ``--db`` in ``extra`` it gets a new SQLite file in ``tmp``
+    (never the user's own room), as a server does by default.
+    """
+    if not any(arg.startswith("--db") for arg in extra):
+        extra = (f"--db={tmp / f'room-{time.monotonic_ns()}.db'}", *extra)
     argv = [sys.executable, "-m", "tcpserver", "--name=server", f"--port={port}",
             f"--max-per-ip={members + 100}", f"--max-clients={members + 100}",
             "--msg-rate=1e9", "--msg-burst=1000000000", *extra]

@@ -22,7 +22,7 @@ def suite_idle(binary: Path, tmp: Path, args: argparse.Namespace) -> str:
     """Run with the server's default timers; return a table."""
     rows = []
     for members in args.members or [10000]:
-        server = start_server(tmp, members)
+        server = start_server(tmp, members, *(["--db=:memory:"] if args.db == "memory" else []))
         try:
             cpu0 = server.cpu()
             time.sleep(args.seconds)

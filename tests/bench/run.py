@@ -13,6 +13,9 @@ for comparison) against the C load generator, on loopback, in one run.
 
 Each suite prints a Markdown table.  Suites:
 
+The chat server keeps its room log in a new SQLite file per start, as it
+does by default (``--db memory`` for ``:memory:``); Redis keeps nothing.
+
 * throughput: seated members, publishers keeping --window messages in
   flight; deliveries/s of the chat server and of Redis pub/sub under the same
   load, their ratio, server memory per member, lost messages, evictions.
@@ -50,6 +53,11 @@ from harness import (
 SUITES = ("throughput", "storm", "idle", "restart", "durable")
 DEFAULT_MEMBERS = {"throughput": [1000, 5000], "storm": [1000, 5000, 10000],
                    "idle": [10000], "restart": [1000, 5000, 10000], "durable": [1000]}
+
+
+def db_args(args: argparse.Namespace) -> list[str]:
+    """The chat server's room log as --db chose: a new file each start, or memory."""
+    return ["--db=:memory:"] if args.db == "memory" else []
 
 
 def _start(tmp: Path, proto: str, members: int, server_args: list[str]) -> Process:
@@ -97,7 +105,7 @@ def suite_throughput(binary: Path, tmp: Path, args: argparse.Namespace) -> str:
     rows = []
     for members in args.members or DEFAULT_MEMBERS["throughput"]:
         for _ in range(args.repeat):
-            chat = seated_run(binary, tmp, "chat", members, args)
+            chat = seated_run(binary, tmp, "chat", members, args, db_args(args))
             redis = seated_run(binary, tmp, "redis", members, args)
             ratio = float(chat["deliveries_per_s"]) / float(redis["deliveries_per_s"])
             for name, r in (("chat server", chat), ("redis pub/sub", redis)):
@@ -115,7 +123,7 @@ def storm_run(binary: Path, tmp: Path, proto: str, members: int,
               args: argparse.Namespace) -> dict:
     """All members connect at once: seconds to all welcomed and to all
     hearing one message, with the target's CPU seconds meanwhile."""
-    target = _start(tmp, proto, members, [])
+    target = _start(tmp, proto, members, db_args(args))
     try:
         cpu0 = target.cpu()
         gen = Loadgen(binary, "storm", proto, target.port, members, timeout=args.timeout)
@@ -157,6 +165,9 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=120.0,
                         help="bound on seating and on each restart, seconds")
+    parser.add_argument("--db", default="file", choices=["file", "memory"],
+                        help="room log of the throughput, storm and idle servers: a new "
+                        "SQLite file each (the default server's) or :memory:")
     parser.add_argument("--signal", default="KILL", choices=["KILL", "TERM"],
                         help="how the restart suite stops the server")
     parser.add_argument("--fill-events", type=int, default=1_000_000,
