@@ -59,8 +59,10 @@ REFUSAL_REASONS = ("server_full", "too_many_connections")
 class ServerStats:
     """Plain counters written by the server's loop thread only.
 
-    Writers add to the attributes directly (``stats.published += n``); the
-    Redis engine calls ``redis_round_trip`` once per round trip and sets
+    Each RoomLog owns one (``log.stats``) and the server shares it.
+    Writers add to the attributes directly (``stats.published += n``, by the
+    log once the events are stored); the Redis engine also calls
+    ``redis_round_trip`` once per round trip and sets
     ``stream_lag_events`` / ``stream_lag_seconds`` once per loop turn.  Lag
     stays None (not exported) on a node without Redis.
     """

@@ -20,6 +20,7 @@ from collections import deque
 from typing import Any
 
 from tcpserver import protocol
+from tcpserver.metrics import ServerStats
 
 # Replay pieces kept for reuse: a reconnect storm asks for a few ranges.
 _CHUNK_CACHE = 16
@@ -48,6 +49,10 @@ class RoomLog(abc.ABC):
     def __init__(self, max_frame: int, recent: int) -> None:
         self.max_frame = max_frame
         self.epoch = ""  # set by the implementation
+        # The server's counters (--metrics-port); ChatServer.stats is this
+        # object, so a log can count what only it sees (events stored, Redis
+        # round trips, stream lag).
+        self.stats = ServerStats()
         self._last_seq = 0  # committed
         self._staged: list[tuple[int, bytes]] = []
         self._recent: deque[tuple[int, bytes]] = deque(maxlen=max(recent, 1))
@@ -91,6 +96,7 @@ class RoomLog(abc.ABC):
         if not staged:
             return []
         self._store(staged)
+        self.stats.published += len(staged)
         self._recent.extend(staged)
         self._last_seq = staged[-1][0]
         return [frame for _, frame in staged]

@@ -33,7 +33,7 @@ import time
 
 from tcpserver import protocol, settings
 from tcpserver.client_state import Client
-from tcpserver.metrics import MetricsServer, ServerStats, registry_for
+from tcpserver.metrics import MetricsServer, registry_for
 from tcpserver.room import RoomStream
 from tcpserver.roomlog import MemoryLog, RoomLog, StorageError
 from tcpserver.rules import Room
@@ -78,7 +78,7 @@ class ChatServer:
 
     def __init__(self, host: str, port: int, limits: settings.Limits,
                  backend: str = "auto", trusted=settings.DEFAULT_TRUSTED_PROXIES,
-                 roomlog: RoomLog | None = None, stats: ServerStats | None = None) -> None:
+                 roomlog: RoomLog | None = None) -> None:
         selector_class = _BACKENDS[backend]
         if selector_class is None:
             raise ValueError(f"the {backend} backend is not available on this platform")
@@ -106,8 +106,9 @@ class ChatServer:
         self.log = roomlog
         self.room = Room(limits, roomlog, self, self.trusted)
         self._flushed_end = 0
-        # Counters for --metrics-port, kept whether or not it is served.
-        self.stats = stats if stats is not None else ServerStats()
+        # Counters for --metrics-port, kept whether or not it is served; the
+        # log holds them, as it alone sees what it stored (Redis: acknowledged).
+        self.stats = roomlog.stats
         self._delivered_upto = 0  # stats.stream_events already counted as delivered
         self.now = time.monotonic()
         self._next_tick = self.now
@@ -410,7 +411,6 @@ class ChatServer:
         frames = self.room.commit()
         for frame in frames:
             self.stream.append(frame)
-        self.stats.published += len(frames)
         self.stats.stream_events += len(frames)
         for client in self._leaving:
             if client.stop_at is None:
