@@ -233,9 +233,9 @@ def test_a_dropped_link_is_rejoined_and_the_gap_filled_once(server, proxy, piped
 
 
 def test_a_gap_the_server_no_longer_holds_is_counted(start_server, proxy, piped, open_client):
-    # The in-memory log keeps 3 events: most of the gap is gone, and the
-    # client says how much, once, then shows the rest in order.
-    server = start_server("--history=3", "--max-per-ip=200")
+    # An in-memory log keeps --history events, 3 here: most of the gap is
+    # gone, and the client says how much, once, then shows the rest in order.
+    server = start_server("--db=:memory:", "--history=3", "--max-per-ip=200")
     link = proxy(server.port)
     bob = piped(link.port, "bob")
     bob.expect(rf"^{TIME} \* bob@127.0.0.1 joined$")
@@ -311,9 +311,10 @@ def test_terminal_comes_back_with_the_gap_filled_and_the_prompt_intact(server, p
 # --- /history --------------------------------------------------------------------
 
 
-def test_slash_history_says_when_nothing_earlier_is_kept(server, piped, connect):
-    # The in-memory log keeps what the welcome replays, so nothing is older.
-    alice = connect("alice")
+def test_slash_history_says_when_nothing_earlier_is_kept(start_server, piped, open_client):
+    # An in-memory log keeps what the welcome replays, so nothing is older.
+    server = start_server("--db=:memory:")
+    alice = open_client(server.port, "alice")
     alice.send({"type": "say", "text": "old 0"})
     alice.recv_type("message")
     bob = piped(server.port, "bob")
