@@ -72,9 +72,11 @@ class RoomLog(abc.ABC):
         """The oldest seq still held; ``last_seq + 1`` when none is."""
         return self._first_seq()
 
-    def stage(self, event: dict[str, Any]) -> bytes:
+    def stage(self, event: dict[str, Any], owner: object = None) -> bytes:
         """Give ``event`` the next seq (its ``"seq"`` field is set) and
         encode it; it is stored by the next ``commit``.  Returns the frame.
+        ``owner`` (its sender) comes back from ``take_failed`` if a log that
+        stores asynchronously fails to store it after ``commit`` returned.
 
         Raises protocol.LocalProtocolError if it does not fit in a frame.
         """
@@ -181,6 +183,32 @@ class RoomLog(abc.ABC):
 
     def close(self) -> None:
         """Release the storage."""
+
+    # --- for a log that stores asynchronously (Redis) ---------------------
+
+    def take_failed(self) -> list[object]:
+        """Owners of events that failed to be stored after ``commit``
+        returned (each is told ``room_unavailable``); cleared by the call."""
+        return []
+
+    def take_reset(self) -> bool:
+        """True once after the log switched to a new epoch on its own (its
+        storage lost the transcript): every member must reconnect."""
+        return False
+
+    def attach(self, selector) -> None:
+        """Register the log's sockets in the server's selector."""
+
+    def flush(self) -> None:
+        """Write what this loop turn queued for storage (once per turn)."""
+
+    def tick(self, now: float) -> None:
+        """Timers (reconnects, heartbeats), on the server's tick."""
+
+    @property
+    def timed(self) -> bool:
+        """True if ``tick`` must run even when no client is connected."""
+        return False
 
     def describe(self) -> str:
         """Where the log lives, for the start-up log line."""

@@ -140,14 +140,19 @@ class Room:
                           "again", exc)
             self._storage_failing = True
             log.debug("room log: %d events not published", len(staged_by))
-            for sender in staged_by:
-                if sender is not None and not sender.closed:
-                    self._error(sender, "room_unavailable",
-                                "the room cannot store messages right now; send it again later")
+            self._unavailable(staged_by)
             return []
         if self.log.degraded is None:
             self._storage_failing = False  # the episode is over
+        # A log that stores asynchronously (Redis) reports failures later.
+        self._unavailable(self.log.take_failed())
         return frames
+
+    def _unavailable(self, senders) -> None:
+        for sender in senders:
+            if sender is not None and not sender.closed:
+                self._error(sender, "room_unavailable",
+                            "the room cannot store messages right now; send it again later")
 
     def tick(self, now: float) -> None:
         """Send the member count of a large room, at most every 0.25 s."""
@@ -327,7 +332,7 @@ class Room:
     # --- helpers -----------------------------------------------------------
 
     def _stage(self, event: dict, sender: Client | None) -> None:
-        self.log.stage(event)
+        self.log.stage(event, sender)
         self._staged_by.append(sender)
 
     def _error(self, client: Client, code: str, message: str) -> None:

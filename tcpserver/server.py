@@ -104,6 +104,7 @@ class ChatServer:
         if roomlog is None:
             roomlog = MemoryLog(limits.max_frame, limits.history, limits.history)
         self.log = roomlog
+        roomlog.attach(self.selector)  # a networked log's sockets join the loop
         self.room = Room(limits, roomlog, self, self.trusted)
         self._flushed_end = 0
         # Counters for --metrics-port, kept whether or not it is served; the
@@ -176,6 +177,8 @@ class ChatServer:
                 _drain(key.fileobj)
             elif tag is _STDIN:
                 self._read_stdin()
+            elif not isinstance(tag, Client):
+                tag.on_ready(mask)  # the room log's own connection (Redis)
             elif not tag.closed:  # it may have been closed earlier in this batch
                 try:
                     if mask & selectors.EVENT_READ:
@@ -196,6 +199,7 @@ class ChatServer:
         if self.now >= self._next_tick:
             self._next_tick = self.now + TICK
             self._check_timers()
+        self.log.flush()
 
     def _internal_error(self, client: Client) -> None:
         # A bug met by one client must not stop the room: drop that client.
@@ -208,7 +212,8 @@ class ChatServer:
         if self.stream.end > self._flushed_end or self.dirty or self._input_ready \
                 or self.log.staged:
             return 0  # evictions during the last flush left work to do
-        if not self.clients and not self.stopping and not self._accept_paused_until:
+        if not self.clients and not self.stopping and not self._accept_paused_until \
+                and not self.log.timed:
             return None  # nothing can time out: sleep until something happens
         return max(0.0, self._next_tick - time.monotonic())
 
@@ -412,6 +417,8 @@ class ChatServer:
         for frame in frames:
             self.stream.append(frame)
         self.stats.stream_events += len(frames)
+        if self.log.take_reset():
+            self._restart_members()
         for client in self._leaving:
             if client.stop_at is None:
                 client.stop_at = self.stream.end
@@ -652,6 +659,7 @@ class ChatServer:
                                                         self.limits.max_frame))
         self.room.tick(now)
         self._prune()
+        self.log.tick(now)
 
     def _prune(self) -> None:
         """Retention, in small steps: more than one only while the steps are
@@ -659,6 +667,27 @@ class ChatServer:
         deadline = time.monotonic() + PRUNE_BUDGET
         while self.log.prune() and time.monotonic() < deadline:
             pass
+
+    def _restart_members(self) -> None:
+        """The log lost the transcript and began a new epoch: close every
+        member after a ``shutdown`` notice, so that each reconnects and its
+        welcome names the new epoch (the page then says a new transcript
+        starts)."""
+        log.warning("new epoch %s: closing %d clients so they rejoin", self.log.epoch,
+                    len(self.clients))
+        frame = protocol.encode_frame(
+            {"type": "shutdown", "message": "the room's history was lost; reconnect to "
+             "continue in a new transcript"}, self.limits.max_frame)
+        self.stream.append(frame)
+        for client in list(self.clients.values()):
+            if client.closing:
+                continue
+            if client in self.streaming:
+                client.stop_at = self.stream.end
+            else:
+                self.send(client, frame)
+            self._start_closing(client)
+        self.room.forget_all()
 
     def _begin_shutdown(self) -> None:
         """Stop accepting, tell everyone, and let the loop flush and close."""
@@ -728,7 +757,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     _raise_descriptor_limit(limits.max_clients + 64)
     try:
-        roomlog = open_roomlog(storage, limits)
+        roomlog = open_roomlog(storage, limits, args.redis, args.room)
     except StorageError as exc:
         log.error("%s", exc)
         return 1
@@ -758,9 +787,19 @@ def main(args: argparse.Namespace) -> int:
             metrics.close()
 
 
-def open_roomlog(storage: settings.Storage, limits: settings.Limits) -> RoomLog:
-    """The room log ``storage`` names: MemoryLog for ``:memory:``, else
-    SqliteLog.  Raises StorageError (one line) if the file cannot be used."""
+def open_roomlog(storage: settings.Storage, limits: settings.Limits,
+                 redis: str | None = None, room: str = "main") -> RoomLog:
+    """The room log: RedisLog for ``--redis URL`` (room ``room``), else the
+    one ``storage`` names: MemoryLog for ``:memory:``, else SqliteLog.
+    Raises StorageError (one line) if the file or Redis cannot be used."""
+    if redis:
+        from tcpserver.redislog import RedisLog
+
+        try:
+            return RedisLog(redis, room, limits.max_frame,
+                            max(limits.history, limits.history_replay), storage.retain_events)
+        except (OSError, ValueError) as exc:
+            raise StorageError(f"cannot use Redis at {redis}: {exc}") from None
     if storage.in_memory:
         return MemoryLog(limits.max_frame, limits.history, storage.retain_events)
     from tcpserver.sqlitelog import SqliteLog

@@ -134,6 +134,11 @@ def add_arguments(group: argparse._ActionsContainer) -> None:
     group.add_argument("--metrics-port", type=metrics_port, default=None, metavar="PORT",
                        help="serve Prometheus metrics at http://HOST:PORT/metrics, HOST "
                        "being --host (default: off; 0 picks a free port)")
+    group.add_argument("--redis", default=None, metavar="URL",
+                       help="keep the room in Redis at redis://HOST:PORT/DB, shared with "
+                       "every server given the same URL and --room (default: this process only)")
+    group.add_argument("--room", default="main", metavar="NAME",
+                       help="the room's name in Redis (default main)")
 
 
 def metrics_port(text: str) -> int:

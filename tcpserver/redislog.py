@@ -1,0 +1,321 @@
+"""The room log in Redis (``--redis``): one room shared by several servers.
+
+Keys, all under ``chatroom:{ROOM}:`` (the braces are a Redis Cluster hash
+tag: every key of a room lives on one shard, so scripts may touch them all):
+
+* ``epoch``  -- string, the transcript's name; ``SET NX`` by the first node.
+* ``seq``    -- integer, the last seq issued (``INCR``).
+* ``stream`` -- stream of room events, entry ID ``0-<seq>``, one field
+  ``f`` holding the whole frame (4-byte big-endian length + JSON payload),
+  trimmed with ``MAXLEN ~ retain``.
+
+Publishing: ``stage`` encodes an event with a sentinel seq and splits the
+payload around it; ``commit`` sends the turn's events in one ``EVALSHA`` of
+``PUBLISH``, which checks the epoch, ``INCR``s the seq, splices it in,
+prepends the length and ``XADD``s each event -- atomically, so seqs are
+consecutive, stream IDs equal seqs, and every node sees one total order.
+
+Delivery: a second connection loops on ``XREAD BLOCK`` from the last entry
+delivered; entries are appended, byte for byte, to the in-memory mirror (the
+last ``recent`` events, loaded with ``XREVRANGE`` at start) and returned by
+the next ``commit`` for the room stream.  A member's own message therefore
+reaches it through Redis, in the same order as everyone else's.  History
+is served from the mirror (``--history-replay`` deep): older ``before``
+pages are not fetched from the stream.
+
+Failures: a publish that fails (Redis down, an error) is handed back through
+``take_failed`` and its sender is told ``room_unavailable``; ``degraded``
+says why.  After a reconnect, reading resumes from the last delivered entry,
+so nothing is skipped.  If the epoch key is gone (Redis lost its data), the
+node adopts a new epoch (``SET NX``: all nodes agree) and ``take_reset``
+tells the server to close every member with a ``shutdown`` notice: they
+reconnect and see the new epoch in their welcome.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import selectors
+from typing import Any, Callable
+
+from tcpserver import protocol, resp
+from tcpserver.roomlog import RoomLog, new_epoch
+
+log = logging.getLogger(__name__)
+
+# Events kept in the stream (MAXLEN ~): like the SQLite log's default.
+DEFAULT_RETAIN = 1_000_000
+# XREAD waits this long (ms) before answering "nothing"; a reply overdue
+# by REPLY_SLACK seconds more means the connection is dead.
+BLOCK_MS = 2000
+REPLY_SLACK = 5.0
+# Entries taken per XREAD: bounds one reply's size.
+READ_COUNT = 1000
+# A number no room reaches: the payload is split around it.
+_SENTINEL = 10**15
+_SEQ_MARK = b'"seq":%d' % _SENTINEL
+
+PUBLISH = """
+-- KEYS: epoch, seq, stream.  ARGV: epoch, retain, then (prefix, suffix) pairs.
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return redis.error_reply('EPOCH the room epoch changed')
+end
+local seq
+for i = 3, #ARGV, 2 do
+  seq = redis.call('INCR', KEYS[2])
+  local payload = ARGV[i] .. seq .. ARGV[i + 1]
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '0-' .. seq,
+             'f', struct.pack('>I4', #payload) .. payload)
+end
+return seq
+"""
+
+
+class Script:
+    """A Lua script run by ``EVALSHA``, falling back to ``EVAL`` (which
+    also caches it) when Redis answers NOSCRIPT, e.g. after a restart."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    def run(self, conn: resp.RedisConnection, keys: list[str], args: list[Any],
+            callback: Callable[[Any], None]) -> None:
+        def reply(value: Any) -> None:
+            if isinstance(value, resp.ReplyError) and str(value).startswith("NOSCRIPT"):
+                conn.command("EVAL", self.source, len(keys), *keys, *args, callback=callback)
+            else:
+                callback(value)
+
+        conn.command("EVALSHA", self.sha, len(keys), *keys, *args, callback=reply)
+
+
+class RedisLog(RoomLog):
+    """Room events in a Redis stream shared by every node of the room.
+
+    Raises OSError at construction if Redis cannot be reached (start-up
+    blocks on it: a node without its room has nothing to serve)."""
+
+    def __init__(self, url: str, room: str, max_frame: int, recent: int,
+                 retain: int = DEFAULT_RETAIN) -> None:
+        super().__init__(max_frame, recent)
+        self.address = resp.RedisAddress(url)
+        self.room = room
+        self.prefix = f"chatroom:{{{room}}}:"
+        self.retain = retain
+        self._publish = Script(PUBLISH)
+        self._delivered: list[bytes] = []
+        self._failed: list[object] = []
+        self._reset = False
+        self._epoch_lost = False
+        # Another stream read by the same XREAD (a node's private inbox):
+        # key -> (last ID, handler of each entry's field list).
+        self.extra_streams: dict[str, list] = {}
+        self.up_hooks: list[Callable[[], None]] = []
+        self.cmd: resp.RedisConnection | None = None
+        self.reader: resp.RedisConnection | None = None
+        self._start()
+
+    def key(self, name: str) -> str:
+        return self.prefix + name
+
+    # --- start-up ----------------------------------------------------------
+
+    def _start(self) -> None:
+        epoch_key, stream = self.key("epoch"), self.key("stream")
+        _, epoch, newest = resp.call(
+            self.address, ("SET", epoch_key, new_epoch(), "NX"), ("GET", epoch_key),
+            ("XREVRANGE", stream, "+", "-", "COUNT", self._recent.maxlen))
+        if isinstance(newest, Exception) or isinstance(epoch, Exception):
+            raise OSError(f"Redis refused the room's keys: {newest}")
+        self.epoch = epoch.decode()
+        entries = []
+        for entry_id, fields in newest:  # newest first; keep the consecutive run
+            seq = _seq_of(entry_id)
+            if entries and seq != entries[-1][0] - 1:
+                break
+            entries.append((seq, fields[1]))
+        self._recent.extend(reversed(entries))
+        self._last_seq = entries[0][0] if entries else 0
+
+    def attach(self, selector: selectors.BaseSelector) -> None:
+        """Open the two connections in the server's selector."""
+        self.cmd = resp.RedisConnection(self.address, selector, "commands",
+                                        on_up=self._cmd_up, on_down=self._down)
+        self.reader = resp.RedisConnection(self.address, selector, "stream reader",
+                                           on_up=self._read_next, on_down=self._down)
+        self.tick(0.0)
+
+    def _cmd_up(self) -> None:
+        self.cmd.command("SCRIPT", "LOAD", PUBLISH)
+        self.cmd.command("GET", self.key("epoch"), callback=self._check_epoch)
+        for hook in self.up_hooks:
+            hook()
+
+    def _down(self, reason: str) -> None:
+        log.warning("room log: Redis unreachable (%s); messages are refused until it is back",
+                    reason)
+
+    def _check_epoch(self, epoch: Any) -> None:
+        if isinstance(epoch, Exception):
+            return
+        if epoch is None or epoch.decode() != self.epoch:
+            self._lose_epoch()
+
+    def _lose_epoch(self) -> None:
+        """Redis no longer holds our transcript: adopt the room's new epoch."""
+        if self._epoch_lost:
+            return
+        self._epoch_lost = True
+        log.error("room log: epoch %s is gone from Redis (its data was lost); "
+                  "starting a new transcript", self.epoch)
+        epoch_key = self.key("epoch")
+        self.cmd.command("SET", epoch_key, new_epoch(), "NX")
+        self.cmd.command("GET", epoch_key, callback=self._adopt)
+
+    def _adopt(self, epoch: Any) -> None:
+        self._epoch_lost = False
+        if isinstance(epoch, Exception) or epoch is None:
+            return  # the next reconnect checks again
+        self.epoch = epoch.decode()
+        self._recent.clear()
+        self._tail_cache = None
+        self._chunks.clear()
+        self._last_seq = 0
+        self._delivered.clear()
+        self._reset = True
+        log.info("room log: new epoch %s", self.epoch)
+        # The blocking read in flight names an ID of the old transcript:
+        # restart it from the beginning of the new one.
+        if self.reader.up:
+            self.reader.reconnect_now("new epoch")
+
+    # --- writing ---------------------------------------------------------------
+
+    def stage(self, event: dict[str, Any], owner: object = None) -> bytes:
+        """Encode ``event``; Redis gives it its seq at ``commit``.  Returns
+        the frame as encoded with a placeholder seq (for its size)."""
+        event["seq"] = _SENTINEL
+        frame = protocol.encode_frame(event, self.max_frame)
+        at = frame.index(_SEQ_MARK, 4) + len(_SEQ_MARK) - len(str(_SENTINEL))
+        self._staged.append((frame[4:at], frame[at + len(str(_SENTINEL)):], owner))
+        del event["seq"]
+        return frame
+
+    def commit(self) -> list[bytes]:
+        """Send the turn's events (one EVALSHA, written at ``flush``); return
+        the frames delivered from the stream since the last call."""
+        staged, self._staged = self._staged, []
+        if staged:
+            owners = [owner for _, _, owner in staged]
+            args: list[Any] = [self.epoch, self.retain]
+            for prefix, suffix, _ in staged:
+                args += [prefix, suffix]
+
+            def published(reply: Any) -> None:
+                if isinstance(reply, Exception):
+                    if str(reply).startswith("EPOCH"):
+                        self._lose_epoch()
+                    log.error("room log: %d events not published: %s", len(owners), reply)
+                    self._failed.extend(owners)
+
+            self._publish.run(self.cmd, [self.key("epoch"), self.key("seq"),
+                                         self.key("stream")], args, published)
+            self.cmd.flush()
+        delivered, self._delivered = self._delivered, []
+        return delivered
+
+    def take_failed(self) -> list[object]:
+        failed, self._failed = self._failed, []
+        return failed
+
+    def take_reset(self) -> bool:
+        reset, self._reset = self._reset, False
+        return reset
+
+    # --- reading the stream -------------------------------------------------------
+
+    def _read_next(self) -> None:
+        streams = [self.key("stream"), *self.extra_streams]
+        ids = [f"0-{self._last_seq}", *(v[0] for v in self.extra_streams.values())]
+        self.reader.command("XREAD", "COUNT", READ_COUNT, "BLOCK", BLOCK_MS, "STREAMS",
+                            *streams, *ids, callback=self._on_read,
+                            timeout=BLOCK_MS / 1000 + REPLY_SLACK)
+
+    def _on_read(self, reply: Any) -> None:
+        if isinstance(reply, Exception):
+            if not isinstance(reply, ConnectionError):
+                log.error("room log: XREAD failed: %s", reply)
+                self.reader.reconnect_now(str(reply))
+            return
+        for name, entries in reply or ():
+            name = name.decode()
+            if name == self.key("stream"):
+                self._deliver(entries)
+            elif name in self.extra_streams:
+                state = self.extra_streams[name]
+                for entry_id, fields in entries:
+                    state[0] = entry_id.decode()
+                    state[1](fields)
+        self._read_next()
+
+    def _deliver(self, entries: list) -> None:
+        for entry_id, fields in entries:
+            seq = _seq_of(entry_id)
+            if seq <= self._last_seq:
+                continue
+            if seq != self._last_seq + 1:
+                # Trimmed away before we read it (a very slow node): the
+                # mirror must stay consecutive, so it restarts here.
+                log.warning("room log: events %d..%d were trimmed before this node read them",
+                            self._last_seq + 1, seq - 1)
+                self._recent.clear()
+            frame = fields[1]
+            self._recent.append((seq, frame))
+            self._delivered.append(frame)
+            self._last_seq = seq
+
+    # --- the loop's hooks ------------------------------------------------------------
+
+    @property
+    def timed(self) -> bool:
+        return True
+
+    def flush(self) -> None:
+        self.cmd.flush()
+        self.reader.flush()
+
+    def tick(self, now: float) -> None:
+        self.cmd.tick(now)
+        self.reader.tick(now)
+
+    @property
+    def degraded(self) -> str | None:
+        for conn in (self.cmd, self.reader):
+            if conn is not None and not conn.up:
+                return f"redis: {conn.reason}"
+        return None
+
+    def close(self) -> None:
+        for conn in (self.cmd, self.reader):
+            if conn is not None:
+                conn.close()
+
+    def describe(self) -> str:
+        return f"Redis {self.address}, room {self.room!r} (keys {self.prefix}*)"
+
+    # --- RoomLog's storage hooks: everything held is in the mirror --------------------
+
+    def _store(self, events: list[tuple[int, bytes]]) -> None:
+        raise NotImplementedError  # commit() is overridden
+
+    def _load(self, first: int, last: int, max_bytes: int) -> list[bytes]:
+        return []
+
+    def _first_seq(self) -> int:
+        return self._recent[0][0] if self._recent else self._last_seq + 1
+
+
+def _seq_of(entry_id: bytes) -> int:
+    return int(entry_id.split(b"-", 1)[1])
