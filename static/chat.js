@@ -19,8 +19,13 @@
   var HEARTBEAT_WAIT_MS = 10000;
   // A history reply that never comes must not hold live events back forever.
   var CATCHUP_TIMEOUT_MS = 10000;
-  // Oldest transcript entries are dropped past this many.
+  // Oldest transcript entries are dropped past this many (only while the
+  // reader is at the end: nothing is taken from under someone reading back).
   var MAX_TRANSCRIPT = 2000;
+  // Scrolling back asks for this many older events at a time (history before).
+  var OLDER_PAGE = 50;
+  // Within this many pixels of the top, scrolling loads the older page.
+  var OLDER_SCROLL_PX = 40;
   var NAME_RE = /^[A-Za-z0-9._-]{1,32}$/;
   // The server's rule for message text (check_text in tcpserver/protocol.py):
   // refused when every character is White_Space, a format character (Cf), a
@@ -116,6 +121,10 @@
     pending: new Map(),  // seq -> event held back until the gap before it fills
     pinned: true,        // the transcript is scrolled to its end: keep it there
     lostCode: null,      // close code of the socket whose loss began this reconnect
+    replaying: false,    // between a welcome and our own join: replayed events arrive
+    oldestSeq: null,     // lowest seq shown from the current transcript (epoch)
+    olderDone: false,    // the beginning of the room is shown
+    older: null,         // {before, remaining, more, events, timer} while a page is due
     attempt: 0,
     reconnectTimer: 0,
     helloTimer: 0,
@@ -205,11 +214,157 @@
   function append(item) {
     var stick = state.pinned;
     el.transcript.appendChild(item);
-    while (el.transcript.childElementCount > MAX_TRANSCRIPT) {
-      el.transcript.removeChild(el.transcript.firstElementChild);
-    }
     if (stick) {
+      trimTranscript();
       scrollToEnd();
+    }
+  }
+
+  function trimTranscript() {
+    var marker = olderMarker();
+    var trimmedCurrent = false;
+    while (el.transcript.childElementCount > MAX_TRANSCRIPT) {
+      var victim = el.transcript.firstElementChild;
+      if (victim === marker) {
+        victim = marker.nextElementSibling;
+        trimmedCurrent = trimmedCurrent || !!(victim && victim.dataset.seq);
+      }
+      el.transcript.removeChild(victim);
+    }
+    if (trimmedCurrent) {
+      // What was dropped can be loaded again by scrolling back.
+      var first = marker.nextElementSibling;
+      while (first && !first.dataset.seq) {
+        first = first.nextElementSibling;
+      }
+      state.oldestSeq = first ? Number(first.dataset.seq) : null;
+      state.olderDone = false;
+      setMarker("idle");
+    }
+  }
+
+  // --- scrolling back: history before, above a marker ---------------------
+  //
+  // The marker is a list item that sits just above the current transcript's
+  // first event (after a "new transcript" notice when the epoch changed);
+  // older pages are inserted right below it.  It offers a button, says a
+  // page is loading, or marks the beginning of the room.
+
+  function olderMarker() {
+    var marker = document.getElementById("older");
+    if (!marker) {
+      marker = document.createElement("li");
+      marker.id = "older";
+      marker.className = "older-marker";
+      var button = document.createElement("button");
+      button.type = "button";
+      button.className = "secondary older-button";
+      button.textContent = "Show earlier messages";
+      button.addEventListener("click", loadOlder);
+      marker.appendChild(button);
+      marker.appendChild(span("older-text", ""));
+      el.transcript.appendChild(marker);
+    }
+    return marker;
+  }
+
+  function setMarker(kind) {
+    var marker = olderMarker();
+    marker.dataset.state = kind;
+    marker.querySelector(".older-button").hidden = kind !== "idle";
+    marker.querySelector(".older-text").textContent = kind === "loading"
+      ? "Loading earlier messages\u2026"
+      : kind === "start" ? "The beginning of the room" : "";
+  }
+
+  // A new transcript (a new epoch) starts below everything shown so far.
+  function newTranscript(text) {
+    notice(text, "warning new-transcript");
+    state.lastSeq = 0;
+    state.pending.clear();
+    state.oldestSeq = null;
+    state.olderDone = false;
+    dropOlder();
+    el.transcript.appendChild(olderMarker());
+    setMarker("idle");
+  }
+
+  function dropOlder() {
+    if (state.older) {
+      window.clearTimeout(state.older.timer);
+      state.older = null;
+    }
+  }
+
+  function loadOlder() {
+    if (state.older || state.olderDone || !state.joined || state.replaying || state.catchup) {
+      return;
+    }
+    var before = state.oldestSeq !== null ? state.oldestSeq : state.lastSeq + 1;
+    if (before <= 1) {
+      state.olderDone = true;
+      setMarker("start");
+      return;
+    }
+    state.older = {
+      before: before,
+      remaining: -1,  // unknown until the history header arrives
+      more: true,
+      events: [],
+      timer: window.setTimeout(finishOlder, CATCHUP_TIMEOUT_MS)
+    };
+    setMarker("loading");
+    send({ type: "history", before: before, limit: OLDER_PAGE });
+  }
+
+  function onOlderHeader(msg) {
+    var older = state.older;
+    if (!older || older.remaining !== -1 || msg.before !== older.before) {
+      return;
+    }
+    older.remaining = msg.count;
+    older.more = msg.more === true;
+    if (msg.count === 0) {
+      finishOlder();
+    }
+  }
+
+  // Insert the page above what is shown, keeping the reader's place: the
+  // distance from the bottom is what stays the same.
+  function finishOlder() {
+    var older = state.older;
+    if (!older) {
+      return;
+    }
+    dropOlder();
+    if (older.remaining !== 0) {
+      // No whole reply in time.  A part would leave a hole above what is
+      // shown (pages come oldest first), so it is dropped; the button retries.
+      setMarker("idle");
+      return;
+    }
+    var floor = state.oldestSeq !== null ? state.oldestSeq : state.lastSeq + 1;
+    var seen = {};
+    var events = older.events.filter(function (ev) {
+      var fresh = ev.seq < floor && !seen[ev.seq];
+      seen[ev.seq] = true;
+      return fresh;
+    }).sort(function (a, b) { return a.seq - b.seq; });
+    if (events.length > 0) {
+      var t = el.transcript;
+      var fromBottom = t.scrollHeight - t.scrollTop;
+      var page = document.createDocumentFragment();
+      events.forEach(function (ev) { page.appendChild(eventItem(ev)); });
+      var marker = olderMarker();
+      t.insertBefore(page, marker.nextSibling);
+      t.scrollTop = t.scrollHeight - fromBottom;
+      state.oldestSeq = events[0].seq;
+    }
+    if (!older.more || (state.oldestSeq !== null && state.oldestSeq <= 1)) {
+      state.olderDone = true;
+      setMarker("start");
+    } else {
+      setMarker("idle");
     }
   }
 
@@ -239,7 +394,11 @@
     append(item);
   }
 
-  function renderMessage(ev) {
+  function eventItem(ev) {
+    return ev.type === "message" ? messageItem(ev) : membershipItem(ev);
+  }
+
+  function messageItem(ev) {
     var mine = ev.from === state.label;
     var item = entry("message" + (mine ? " mine" : ""), ev.ts);
     item.dataset.seq = String(ev.seq);
@@ -248,10 +407,10 @@
       youMark(item, "(your message)");
     }
     item.appendChild(span("text", ev.text));
-    append(item);
+    return item;
   }
 
-  function renderMembership(ev) {
+  function membershipItem(ev) {
     var mine = ev.member === state.label;
     var item = entry("notice " + ev.type + (mine ? " mine" : ""), ev.ts);
     item.dataset.seq = String(ev.seq);
@@ -262,7 +421,7 @@
     var what = ev.type === "join" ? "joined"
       : (LEAVE_REASONS[ev.reason] || "left (" + String(ev.reason) + ")");
     item.appendChild(span("text", " " + what));
-    append(item);
+    return item;
   }
 
   function renderPrivate(ev) {
@@ -294,6 +453,16 @@
     if (typeof ev.seq !== "number") {
       return;
     }
+    var older = state.older;
+    if (older && older.remaining > 0 && ev.seq < older.before) {
+      // Part of a page asked for by scrolling back (live events are newer).
+      older.events.push(ev);
+      older.remaining -= 1;
+      if (older.remaining === 0) {
+        finishOlder();
+      }
+      return;
+    }
     var catchup = state.catchup;
     if (catchup && catchup.remaining > 0) {
       catchup.remaining -= 1;
@@ -315,6 +484,13 @@
   function render(ev) {
     state.lastSeq = ev.seq;
     state.pending.delete(ev.seq);
+    if (state.oldestSeq === null) {
+      state.oldestSeq = ev.seq;
+      if (ev.seq <= 1) {
+        state.olderDone = true;
+        setMarker("start");
+      }
+    }
     if (ev.seq > state.memberBase) {
       if (ev.type === "join") {
         addMember(ev.member);
@@ -322,13 +498,10 @@
         removeMember(ev.member);
       }
     }
-    if (ev.type === "message") {
-      renderMessage(ev);
-    } else {
-      renderMembership(ev);
-      if (ev.type === "join" && ev.member === state.label) {
-        el.transcript.setAttribute("aria-busy", "false");
-      }
+    append(eventItem(ev));
+    if (ev.type === "join" && ev.member === state.label) {
+      state.replaying = false;
+      el.transcript.setAttribute("aria-busy", "false");
     }
   }
 
@@ -363,6 +536,10 @@
   }
 
   function onHistoryHeader(msg) {
+    if (typeof msg.before === "number") {
+      onOlderHeader(msg);
+      return;
+    }
     var catchup = state.catchup;
     if (!catchup || catchup.remaining !== -1 || msg.after !== catchup.after) {
       return;  // not ours; its events are deduped by seq anyway
@@ -652,6 +829,10 @@
       window.clearTimeout(state.catchup.timer);
       state.catchup = null;
     }
+    if (state.older) {
+      dropOlder();
+      setMarker("idle");
+    }
     if (ws) {
       ws.onopen = ws.onmessage = ws.onclose = null;
       if (ws.readyState === WebSocket.CONNECTING || ws.readyState === WebSocket.OPEN) {
@@ -774,14 +955,15 @@
     setJoinError("");
     setComposeError("");
     showChat(true);
-    var restarted = state.epoch !== null && msg.epoch !== state.epoch;
+    // A new epoch, or numbers that never reached ours (a log lost behind
+    // the same epoch): either way our seqs mean nothing to this room now.
+    var restarted = state.epoch !== null &&
+      (msg.epoch !== state.epoch || msg.last_seq < state.lastSeq);
     state.epoch = msg.epoch;
     if (resuming && restarted) {
-      // A new chat server process: its sequence numbers start again at 1.
-      notice("The chat server restarted; a new transcript starts here.", "warning");
-      state.lastSeq = 0;
-      state.pending.clear();
+      newTranscript("The chat server restarted; a new transcript starts here.");
     }
+    state.replaying = true;
     state.memberBase = msg.last_seq;
     state.memberChunks = null;
     collectMembers(msg.members, msg.more);
@@ -798,8 +980,32 @@
     }
   }
 
+  // Our numbers are from another run of the room (PROTOCOL.md unknown_seq):
+  // a new transcript, continuing from the welcome; what came before it can
+  // be loaded by scrolling back.
+  function onUnknownSeq() {
+    if (state.catchup) {
+      window.clearTimeout(state.catchup.timer);
+      state.catchup = null;
+    }
+    var held = Array.from(state.pending.values());
+    newTranscript("The chat server's transcript changed; a new transcript starts here.");
+    state.lastSeq = state.memberBase;
+    held.forEach(function (ev) {
+      if (ev.seq > state.lastSeq) {
+        state.pending.set(ev.seq, ev);
+      }
+    });
+    drainPending(true);
+    loadOlder();
+  }
+
   function onError(msg) {
     var code = msg.code;
+    if (code === "unknown_seq") {
+      onUnknownSeq();
+      return;
+    }
     var text = code === "name_taken"
       ? "The name \u201c" + state.name + "\u201d is taken. Try another."
       : ERROR_TEXT[code] || msg.message || code;
@@ -877,6 +1083,11 @@
     state.label = null;
     el.transcript.textContent = "";
     state.pinned = true;
+    state.oldestSeq = null;
+    state.olderDone = false;
+    state.replaying = false;
+    dropOlder();
+    setMarker("idle");
     setMembers([]);
     setMembersStale(false);
   }
@@ -999,6 +1210,10 @@
   el.memberList.addEventListener("scroll", updateMemberMore, { passive: true });
   el.transcript.addEventListener("scroll", function () {
     state.pinned = nearBottom();
+    if (el.transcript.scrollTop < OLDER_SCROLL_PX &&
+        el.transcript.scrollHeight > el.transcript.clientHeight) {
+      loadOlder();
+    }
   }, { passive: true });
   if (window.ResizeObserver) {
     // A resize or rotation changes the transcript's height without a
