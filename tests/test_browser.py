@@ -347,7 +347,8 @@ def test_reconnect_after_gateway_restart_has_no_gap_and_no_duplicate(
 def test_reconnect_after_a_gap_longer_than_history_says_what_was_lost(
         start_server, start_gateway, pages, open_client):
     expect = expect_()
-    server = start_server("--max-per-ip=200", "--history=3")
+    # Only a log held in memory forgets: it keeps the last --history events.
+    server = start_server("--max-per-ip=200", "--history=3", "--db=:memory:")
     first = start_gateway(server.port)
     alice = pages.open(first.url)
     join(alice, "alice")

@@ -6,25 +6,16 @@ from __future__ import annotations
 import re
 import socket
 import sqlite3
-import subprocess
-import sys
 import threading
 
 import pytest
 from browser_helpers import PHONE, expect_, join, message_entry, notice_entry, room_entries
-from conftest import ARTIFACTS, ROOT
+from conftest import ARTIFACTS
 
 pytest_plugins = ["browser_fixtures"]
 pytestmark = pytest.mark.browser
 
 BACK = 20_000  # ms: reconnect backoff is capped at 15 s
-
-# TEMPORARY until the SQLite room log lands on main: tests that restart a
-# server on the same database need --db.
-needs_db = pytest.mark.skipif(
-    "--db" not in subprocess.run([sys.executable, "-m", "tcpserver", "--help"],
-                                 capture_output=True, text=True, cwd=ROOT).stdout,
-    reason="the chat server has no --db yet")
 
 
 class FreezableProxy:
@@ -163,7 +154,6 @@ def _welcomes(pages) -> list[dict]:
     return [m for socket_ in pages.received for m in socket_ if m["type"] == "welcome"]
 
 
-@needs_db
 @pytest.mark.parametrize("stop", ["kill", "terminate"])
 def test_the_page_continues_across_a_server_restart_with_no_gap(
         stop, start_server, start_gateway, pages, open_client, tmp_path):
@@ -210,7 +200,6 @@ def _top_offset(page, seq: int) -> float:
         "e => e.getBoundingClientRect().top - e.parentElement.getBoundingClientRect().top")
 
 
-@needs_db
 def test_scrolling_up_loads_older_messages_in_pages(start_server, start_gateway, pages,
                                                     open_client, tmp_path):
     expect = expect_()
@@ -267,7 +256,6 @@ def test_scrolling_up_loads_older_messages_in_pages(start_server, start_gateway,
     assert pages.problems == []
 
 
-@needs_db
 def test_a_log_restored_from_a_backup_starts_a_new_transcript(
         start_server, start_gateway, pages, open_client, tmp_path):
     expect = expect_()
