@@ -58,10 +58,21 @@ CLOSE_TIMEOUT = 5.0
 BATCH_BYTES = 16 * 1024
 
 
-class _Reply(bytes):
-    """A payload of the gateway's own (an error reply), not a relayed frame."""
+class _Batch:
+    """Payloads bound for one WebSocket message, filled as they arrive."""
 
-    __slots__ = ()
+    __slots__ = ("parts", "size", "replies")
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.size = -1  # joined length: each part adds its bytes plus a separator
+        self.replies = 0  # how many parts are error replies, not relayed frames
+
+
+# Substrings a farewell payload must contain (see messages.farewell); a read
+# without them needs no per-frame look.  The longest is 10 bytes.
+_FAREWELL_TAGS = (b'"shutdown"', b'"error"')
+_TAG_OVERLAP = 16
 
 
 class Session:
@@ -78,9 +89,11 @@ class Session:
         # Everything bound for the browser goes through this one backlog and
         # one sender task, so server frames and our own error replies stay
         # in order and only one task ever writes to the WebSocket.
-        self._backlog: deque[bytes] = deque()
-        self._backlog_bytes = 0
-        self._backlog_replies = 0
+        # The last batch is the open one; the sender takes from the left.
+        self._backlog: deque[_Batch] = deque()
+        self._waiting = 0  # frames in the backlog
+        self._tail = b""  # the end of the last read, for a tag split across reads
+        self._carry = False  # a partial frame held by the decoder may hold a tag
         self._decoder = protocol.FrameDecoder(config.max_frame)
         # The close the last server frame called for (a shutdown or a
         # closing error), and the close to make once the backlog is sent.
@@ -178,36 +191,79 @@ class Session:
         """Upstream.data_received: decode one read and queue its payloads."""
         if self._closer is not None or self._end is not None:
             return
-        backlog = self._backlog
-        if len(backlog) >= self.config.queue_size:
+        try:
+            self._relay(data)
+        except Exception as exc:  # a bug: end this session, not the loop's callback
+            self._failed(exc)
+
+    def _relay(self, data: bytes) -> None:
+        queue_size = self.config.queue_size
+        if self._waiting >= queue_size:
             # The sender had its turn since the last read and these are
             # still waiting: the browser is not taking them.
             self.close(WSCloseCode.TRY_AGAIN_LATER,
-                       f"too far behind: {self.config.queue_size} messages waiting; "
+                       f"too far behind: {queue_size} messages waiting; "
                        "reconnect and ask for history", "overflow")
             return
+        # Without copying the read: look in it, and across its seam with the last.
+        seam = self._tail + data[:_TAG_OVERLAP]
+        look = self._carry or any(tag in data or tag in seam for tag in _FAREWELL_TAGS)
+        self._tail = data[-_TAG_OVERLAP:] if len(data) >= _TAG_OVERLAP else seam[-_TAG_OVERLAP:]
         decoder = self._decoder
-        size = 0
+        payloads: list[bytes] = []
+        bad: protocol.FrameError | None = None
         try:
             decoder.receive_data(data)
-            while (payload := decoder.next_payload()) is not None:
-                # Frames after a farewell (our own leave) are still
-                # relayed; the farewell names the close.
-                said = farewell(payload)
-                if said is not None:
-                    self._farewell = said
-                backlog.append(payload)
-                size += len(payload)
+            next_payload = decoder.next_payload
+            while (payload := next_payload()) is not None:
+                payloads.append(payload)
+            self._carry = look and decoder.buffered > 0
+            if look:
+                for payload in payloads:
+                    # Frames after a farewell (our own leave) are still
+                    # relayed; the farewell names the close.
+                    said = farewell(payload)
+                    if said is not None:
+                        self._farewell = said
         except protocol.FrameError as exc:
-            log.warning("%s: bad frame from the chat server: %s", self, exc.message)
+            bad = exc  # the frames before it are still relayed
+        if payloads:
+            self._queue(payloads, 0)
+        if bad is not None:
+            log.warning("%s: bad frame from the chat server: %s", self, bad.message)
             self._end = (WSCloseCode.INTERNAL_ERROR, "the chat server sent a bad frame")
             if self.upstream is not None:
                 self.upstream.abort()
-        except Exception as exc:  # a bug: end this session, not the loop's callback
-            self._failed(exc)
-            return
-        finally:
-            self._backlog_bytes += size
+            self._wake_sender()
+
+    def _queue(self, payloads: list[bytes], replies: int) -> None:
+        """Append ``payloads`` to the backlog's batches and wake the sender.
+
+        ``replies`` of them (0 or all) are the gateway's own error replies.
+        """
+        backlog = self._backlog
+        batch = backlog[-1] if backlog else None
+        grown = sum(map(len, payloads)) + len(payloads)  # bytes and separators
+        if batch is not None and batch.size + grown <= BATCH_BYTES:
+            batch.parts.extend(payloads)  # the usual case: all into the open batch
+            batch.size += grown
+            batch.replies += replies
+        else:
+            if batch is None or batch.size + 1 + len(payloads[0]) > BATCH_BYTES:
+                batch = _Batch()
+                backlog.append(batch)
+            parts, size = batch.parts, batch.size
+            for payload in payloads:
+                if size + 1 + len(payload) > BATCH_BYTES and parts:
+                    batch.size = size
+                    batch = _Batch()
+                    backlog.append(batch)
+                    parts, size = batch.parts, batch.size
+                parts.append(payload)
+                size += 1 + len(payload)
+            batch.size = size
+            batch.replies += replies
+        self._waiting += len(payloads)
         self._wake_sender()
 
     def _server_gone(self, exc: Exception | None) -> None:
@@ -227,37 +283,12 @@ class Session:
 
     def _reject(self, code: str, message: str) -> None:
         self.metrics.rejected.inc()
-        reply = _Reply(error_payload(code, message))
-        self._backlog.append(reply)
-        self._backlog_bytes += len(reply)
-        self._backlog_replies += 1
-        self._wake_sender()
+        self._queue([error_payload(code, message)], 1)
 
     def _wake_sender(self) -> None:
         wakeup = self._wakeup
         if wakeup is not None and not wakeup.done():
             wakeup.set_result(None)
-
-    def _take_batch(self) -> tuple[bytes, int]:
-        """Remove the next batch from the backlog; return it joined by
-        newlines and the number of relayed (not reply) payloads in it."""
-        backlog = self._backlog
-        # n payloads joined take their bytes plus n - 1 separators.
-        if self._backlog_bytes + len(backlog) - 1 <= BATCH_BYTES or len(backlog) == 1:
-            batch = b"\n".join(backlog)
-            relayed = len(backlog) - self._backlog_replies
-            backlog.clear()
-            self._backlog_bytes = self._backlog_replies = 0
-            return batch, relayed
-        parts = [backlog.popleft()]
-        size = len(parts[0])
-        while backlog and size + 1 + len(backlog[0]) <= BATCH_BYTES:
-            parts.append(backlog.popleft())
-            size += 1 + len(parts[-1])
-        replies = sum(1 for part in parts if type(part) is _Reply)
-        self._backlog_bytes -= size - (len(parts) - 1)
-        self._backlog_replies -= replies
-        return b"\n".join(parts), len(parts) - replies
 
     async def _send_to_browser(self) -> None:
         loop = asyncio.get_running_loop()
@@ -272,7 +303,10 @@ class Session:
                 await self._wakeup
                 self._wakeup = None
                 continue
-            batch, relayed = self._take_batch()
+            taken = backlog.popleft()
+            self._waiting -= len(taken.parts)
+            relayed = len(taken.parts) - taken.replies
+            batch = b"\n".join(taken.parts)
             # ASCII is UTF-8; only other text needs the full check.  A
             # browser fails the whole connection on a bad text message.
             if not batch.isascii():

@@ -468,12 +468,13 @@ async def test_a_browser_that_falls_behind_is_closed_1013_not_dropped(gateway_cl
 
 
 async def test_a_relay_bug_closes_the_session_1011(gateway_client, server, member, monkeypatch):
-    def broken(payload):
+    def broken():
         raise RuntimeError("simulated bug")
 
     client = await gateway_client(server.port)
     async with client.ws_connect("/ws") as ws:
-        monkeypatch.setattr("gateway.session.farewell", broken)
+        # Every relayed frame goes into a batch: the bug hits the first one.
+        monkeypatch.setattr("gateway.session._Batch", broken)
         await ws.send_json({"type": "hello", "name": "web"})
         msg = await recv_close(ws)
         assert (msg.type, msg.data) == (WSMsgType.CLOSE, aiohttp.WSCloseCode.INTERNAL_ERROR)
@@ -538,6 +539,28 @@ async def test_a_burst_is_batched_in_order_and_matches_a_raw_members_transcript(
     finally:
         for raw in (listener, *senders):
             raw.close()
+
+
+async def test_a_farewell_is_found_however_the_reads_split_it():
+    """The relay skips its per-frame farewell look for reads that cannot hold
+    one; a shutdown split anywhere across reads must still be seen."""
+    from gateway.metrics import Metrics
+    from gateway.session import Session
+
+    frames = [protocol.encode_frame(m) for m in (
+        {"type": "message", "seq": 1, "from": "a@b", "text": "hi", "ts": 1},
+        {"type": "shutdown", "message": "the server is shutting down"},
+        {"type": "leave", "seq": 2, "member": "a@b", "reason": "shutdown", "ts": 2})]
+    stream = b"".join(frames)
+    for cut in [*range(1, len(stream)), None]:
+        session = Session(None, None, GatewayConfig(), Metrics())
+        pieces = ([bytes([b]) for b in stream] if cut is None
+                  else [stream[:cut], stream[cut:]])
+        for piece in pieces:
+            session._from_server(piece)
+        assert session._farewell == (1012, "the server is shutting down"), cut
+        relayed = [part for batch in session._backlog for part in batch.parts]
+        assert relayed == [frame[4:] for frame in frames]
 
 
 # --- admission: origin and per-address cap ----------------------------------

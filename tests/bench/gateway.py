@@ -123,6 +123,11 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
+def own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 # --- load ------------------------------------------------------------------
 
 class Member:
@@ -194,7 +199,7 @@ async def join(http: aiohttp.ClientSession, url: str, name: str, binary: bool,
     return Member(ws, name, binary, say, window)
 
 
-async def load(url: str, binary: bool, args, prefix: str, pid: int) -> dict:
+async def load(url: str, binary: bool, args, prefix: str, pid: int, server_pid: int) -> dict:
     say_message = {"type": "say", "text": "x" * args.text_bytes}
     say = protocol.encode_frame(say_message) if binary else \
         protocol.encode_payload(say_message).decode()
@@ -218,6 +223,8 @@ async def load(url: str, binary: bool, args, prefix: str, pid: int) -> dict:
         publishers = members[:args.publishers]
 
         cpu_before = cpu_seconds(pid)
+        server_before = cpu_seconds(server_pid)
+        own_before = own_cpu_seconds()
         base = sum(m.received for m in members)
         t0 = time.monotonic()
         for p in publishers:
@@ -227,6 +234,8 @@ async def load(url: str, binary: bool, args, prefix: str, pid: int) -> dict:
         delivered = sum(m.received for m in members) - base
         elapsed = time.monotonic() - t0
         cpu = cpu_seconds(pid) - cpu_before
+        server_cpu = cpu_seconds(server_pid) - server_before
+        own = own_cpu_seconds() - own_before
         for p in publishers:
             p.publishing = False
 
@@ -245,6 +254,8 @@ async def load(url: str, binary: bool, args, prefix: str, pid: int) -> dict:
         "lost": lost,
         "join_s": round(joined_s, 2),
         "cpu_pct": round(100 * cpu / elapsed),
+        "loadgen_cpu_pct": round(100 * own / elapsed),
+        "server_cpu_pct": round(100 * server_cpu / elapsed),
         "pss_per_session_KiB": round((pss_joined - pss_before) / args.sessions, 1),
         "pss_MiB": round(pss_joined / 1024, 1),
     }
@@ -262,6 +273,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--workers", type=int, default=1, help="gateway worker processes")
     parser.add_argument("--no-websockify", action="store_true")
+    parser.add_argument("--profile", metavar="PATH",
+                        help="run the gateway (one worker) under cProfile, stats to PATH")
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = 4 * args.sessions + 256
@@ -288,15 +301,15 @@ def main() -> int:
                 "--msg-burst=1000000000", "--idle-timeout=600", "--log-level=info"])
             chat_port = int(wait_for(log, r"listening on \S+:(\d+)", server).group(1))
 
+            profile = ["-m", "cProfile", "-o", args.profile] if args.profile else []
             gateway, log = start("gateway", [
-                sys.executable, "-m", "gateway", "--http-port=0", f"--chat-port={chat_port}",
+                sys.executable, *profile, "-m", "gateway", "--http-port=0",
+                f"--chat-port={chat_port}",
                 f"--max-sessions-per-ip={args.sessions + 10}", f"--workers={args.workers}",
-                "--log-level=warning"] if args.workers > 1 else [
-                sys.executable, "-m", "gateway", "--http-port=0", f"--chat-port={chat_port}",
-                f"--max-sessions-per-ip={args.sessions + 10}", "--log-level=info"])
+                "--log-level=info"])
             http_port = int(wait_for(log, r"serving on http://\S+?:(\d+)/", gateway).group(1))
             results["gateway"] = asyncio.run(load(
-                f"http://127.0.0.1:{http_port}/ws", False, args, "g", gateway.pid))
+                f"http://127.0.0.1:{http_port}/ws", False, args, "g", gateway.pid, server.pid))
 
             if websockify:
                 ws_port = free_port()
@@ -304,7 +317,7 @@ def main() -> int:
                     websockify, f"127.0.0.1:{ws_port}", f"127.0.0.1:{chat_port}"])
                 wait_listening(ws_port, proxy, log)
                 results["websockify"] = asyncio.run(load(
-                    f"http://127.0.0.1:{ws_port}/", True, args, "w", proxy.pid))
+                    f"http://127.0.0.1:{ws_port}/", True, args, "w", proxy.pid, server.pid))
         finally:
             for proc in reversed(procs):
                 proc.terminate()
