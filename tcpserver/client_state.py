@@ -21,13 +21,18 @@ class Client:
     unsent the client's next request waits.  A history reply is streamed from
     the log: ``replay`` is the seq range still to send and ``hold_at`` the
     room offset where the stream waits for it.
+
+    Input over the rate limit waits too ("fake lag"): the first frame without
+    a token is ``held``, the rest stay in the decoder, and ``wake_at`` is when
+    the next token is due.  ``timer_at`` is the client's live entry in the
+    server's deadline heap (``timers.Deadlines``).
     """
 
     __slots__ = (
         "sock", "fd", "peer_ip", "ip", "decoder", "name", "label",
         "pos", "stop_at", "queue", "queued_bytes", "reply_bytes", "replay", "hold_at",
         "writing", "reading", "resume",
-        "tokens", "token_time", "strikes",
+        "tokens", "token_time", "held", "throttled_since", "wake_at", "timer_at",
         "connected_at", "last_recv", "pinged", "partial_since",
         "closing", "close_deadline", "fin_sent", "closed",
     )
@@ -52,7 +57,12 @@ class Client:
         self.resume: str | None = None  # the secret that takes this name back
         self.tokens = float(limits.msg_burst)
         self.token_time = now
-        self.strikes = 0  # frames dropped in a row for the rate limit
+        # A frame decoded but waiting for a token (fake lag): a parsed
+        # message, or the MessageError it raised (garbage costs a token too).
+        self.held: dict | protocol.MessageError | None = None
+        self.throttled_since = 0.0  # first wait for a token since input last ran dry, or 0
+        self.wake_at = 0.0  # when the next token is due for a held frame, or 0
+        self.timer_at = float("inf")  # its live entry in the server's Deadlines
         self.connected_at = now
         self.last_recv = now
         self.pinged = False

@@ -41,7 +41,7 @@ LEAVE_REASONS = (
     "hung_up",  # the connection closed or reset without a quit
     "timed_out",  # silent past the idle timeout, or a frame left unfinished
     "slow_reader",  # stopped reading: output backlog over the limit
-    "flooding",  # kept sending past the rate limit
+    "flooding",  # input kept waiting for the rate limit too long
     "protocol_error",  # sent bytes that are not frames
     "shutdown",  # the server is shutting down
     "replaced",  # the same member reconnected with its resume token
@@ -56,7 +56,7 @@ ERROR_CODES = (
     "name_invalid",
     "name_taken",
     "no_such_member",  # private message to someone not in the room
-    "rate_limited",
+    "rate_limited",  # no longer sent (frames over the rate wait); kept for older servers
     "flooding",
     "hello_timeout",
     "idle_timeout",

@@ -37,6 +37,7 @@ from tcpserver.metrics import MetricsServer, registry_for
 from tcpserver.room import RoomStream
 from tcpserver.roomlog import MemoryLog, RoomLog, StorageError
 from tcpserver.rules import Room
+from tcpserver.timers import Deadlines
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,9 @@ RECV_SIZE = 256 * 1024
 LISTEN_BACKLOG = 4096
 # select() cannot watch descriptors at or above FD_SETSIZE.
 FD_SETSIZE = 1024
-# How often timers (hello, idle, frame, closing) are checked.
+# How often the room's own clock runs (presence in a large room, at most
+# ~4 a second) and a paused listener is looked at.  Per-client timers are
+# deadlines in a heap (timers.Deadlines), not a scan.
 TICK = 0.25
 # How long a client we are closing gets to read its last frame and hang up.
 CLOSE_GRACE = 2.0
@@ -57,8 +60,11 @@ REPLAY_CHUNK = 256 * 1024
 # Retention work per timer tick (a step deletes at most 1000 events).
 PRUNE_BUDGET = 0.01
 # While a client's requests wait (a reply still unsent), its socket is read
-# only until this much input is buffered; then TCP pushes back.
+# only until this much input is buffered; then TCP pushes back.  The same
+# bound applies to input waiting for the rate limit.
 PAUSED_INPUT_BYTES = 2 * protocol.MAX_FRAME_SIZE
+# Slack for float rounding when a throttled client wakes for its token.
+_TOKEN_EPSILON = 1e-9
 
 _BACKENDS = {
     "auto": selectors.DefaultSelector,
@@ -100,6 +106,7 @@ class ChatServer:
         self._leaving: list[Client] = []  # stream them up to this turn's events
         self._input_ready: set[Client] = set()  # buffered requests may go on
         self.per_ip: dict[str, int] = {}
+        self.deadlines = Deadlines()
         self.stream = RoomStream()
         if roomlog is None:
             roomlog = MemoryLog(limits.max_frame, limits.history, limits.history)
@@ -187,6 +194,7 @@ class ChatServer:
                         self._flush(tag)
                 except Exception:
                     self._internal_error(tag)
+        self._run_timers()
         for client in list(self._input_ready):
             self._input_ready.discard(client)
             if not client.closed:
@@ -196,9 +204,6 @@ class ChatServer:
                     self._internal_error(client)
         self._commit()
         self._flush_all()
-        if self.now >= self._next_tick:
-            self._next_tick = self.now + TICK
-            self._check_timers()
         self.log.flush()
 
     def _internal_error(self, client: Client) -> None:
@@ -212,10 +217,12 @@ class ChatServer:
         if self.stream.end > self._flushed_end or self.dirty or self._input_ready \
                 or self.log.staged:
             return 0  # evictions during the last flush left work to do
-        if not self.clients and not self.stopping and not self._accept_paused_until \
-                and not self.log.timed:
+        wake = self.deadlines.next_time()
+        if self.clients or self.stopping or self._accept_paused_until or self.log.timed:
+            wake = self._next_tick if wake is None else min(wake, self._next_tick)
+        if wake is None:
             return None  # nothing can time out: sleep until something happens
-        return max(0.0, self._next_tick - time.monotonic())
+        return max(0.0, wake - time.monotonic())
 
     # --- accepting -----------------------------------------------------
 
@@ -259,6 +266,7 @@ class ChatServer:
         self.clients[fd] = client
         self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
         self.stats.accepted += 1
+        self.deadlines.schedule(client, self._next_deadline(client))
         log.debug("connect from %s (fd %d)", ip, fd)
 
     def _refuse(self, sock: socket.socket, ip: str, code: str, message: str) -> None:
@@ -294,30 +302,40 @@ class ChatServer:
         self._process_input(client)
 
     def _process_input(self, client: Client) -> None:
-        """Handle the whole frames buffered, until a reply makes the rest wait."""
+        """Handle the whole frames buffered, in order, until a reply makes
+        the rest wait or the client is out of tokens ("fake lag": frames over
+        the rate wait their turn instead of being refused)."""
         decoder = client.decoder
+        busy = throttled = False
         while not client.closing:
             if client.reply_bytes or client.hold_at is not None:
                 # One reply at a time: the next request waits until this one
                 # is sent, so a client cannot queue unbounded output.
-                if client.reading and decoder.buffered >= PAUSED_INPUT_BYTES:
-                    self._set_reading(client, False)
+                busy = True
                 break
-            try:
-                payload = decoder.next_payload()
-            except protocol.FrameError as exc:
-                return self._fail(client, exc.code, exc.message, "protocol_error")
-            if payload is None:
+            message = client.held
+            if message is None:
+                try:
+                    payload = decoder.next_payload()
+                except protocol.FrameError as exc:
+                    return self._fail(client, exc.code, exc.message, "protocol_error")
+                if payload is None:
+                    client.throttled_since = 0.0  # caught up
+                    break
+                try:
+                    message = protocol.parse_client_message(payload)
+                except protocol.MessageError as exc:
+                    message = exc  # garbage costs a token too
+            # quit costs nothing, but it waits behind the frames sent before
+            # it, which are delivered first.
+            if (isinstance(message, protocol.MessageError) or message["type"] != "quit") \
+                    and not self._take_token(client):
+                client.held = message
+                throttled = True
                 break
-            try:
-                message = protocol.parse_client_message(payload)
-            except protocol.MessageError as exc:
-                if self._take_token(client):  # garbage costs a token too
-                    self._send_error(client, exc.code, exc.message)
-                continue
-            # quit is free: a client over its rate must still be able to leave
-            # with reason "quit" rather than be recorded as hanging up.
-            if message["type"] != "quit" and not self._take_token(client):
+            client.held = None
+            if isinstance(message, protocol.MessageError):
+                self._send_error(client, message.code, message.message)
                 continue
             try:
                 self.room.handle(client, message)
@@ -326,34 +344,41 @@ class ChatServer:
             except protocol.LocalProtocolError:
                 # Only possible with a small --max-frame: the reply would not fit.
                 self._send_error(client, "bad_message", "too long for this server's frames")
-        busy = client.reply_bytes or client.hold_at is not None
-        if not busy and not client.reading and not client.closed:
+        if client.closed:
+            return
+        if throttled and not client.closing:
+            if not client.throttled_since:
+                client.throttled_since = self.now
+            elif self.now - client.throttled_since > self.limits.flood_seconds:
+                return self._fail(client, "flooding", "disconnected for flooding: input waited "
+                                  f"over {self.limits.flood_seconds:g} s for the rate limit "
+                                  f"({self.limits.msg_rate:g} messages a second)", "flooding")
+            client.wake_at = self.now + (1 - client.tokens) / self.limits.msg_rate
+            self.deadlines.schedule(client, client.wake_at)
+        waiting = busy or throttled
+        if waiting:
+            # Stop reading once enough waits: TCP pushes back on the sender.
+            if client.reading and decoder.buffered >= PAUSED_INPUT_BYTES:
+                self._set_reading(client, False)
+        elif not client.reading:
             self._set_reading(client, True)
-        if decoder.buffered and not busy:
+        if decoder.buffered and not waiting and not client.closing:
             if not client.partial_since:
                 client.partial_since = self.now
+                self.deadlines.schedule(client, self.now + self.limits.frame_timeout)
         else:
             client.partial_since = 0.0
 
     def _take_token(self, client: Client) -> bool:
-        """Token bucket.  False (frame dropped) when the client is over rate."""
+        """Token bucket: take one; False if the client must wait for it."""
         limits = self.limits
         tokens = min(limits.msg_burst,
                      client.tokens + (self.now - client.token_time) * limits.msg_rate)
         client.token_time = self.now
-        if tokens >= 1:
-            client.tokens = tokens - 1
-            client.strikes = 0
+        if tokens >= 1 - _TOKEN_EPSILON:
+            client.tokens = max(0.0, tokens - 1)
             return True
         client.tokens = tokens
-        client.strikes += 1
-        if client.strikes > limits.flood_strikes:
-            self._fail(client, "flooding", "disconnected for flooding", "flooding")
-        else:
-            # Every dropped frame is answered, so a client knows what to
-            # resend; flood_strikes bounds how many answers a flooder gets.
-            self._send_error(client, "rate_limited",
-                             f"slow down: at most {limits.msg_rate:g} messages a second")
         return False
 
     def _read_stdin(self) -> None:
@@ -604,6 +629,7 @@ class ChatServer:
     def _start_closing(self, client: Client) -> None:
         client.closing = True
         client.close_deadline = self.now + CLOSE_GRACE
+        self.deadlines.schedule(client, client.close_deadline)
         self.dirty.add(client)
 
     def _close_now(self, client: Client) -> None:
@@ -632,34 +658,63 @@ class ChatServer:
 
     # --- timers and shutdown -------------------------------------------
 
-    def _check_timers(self) -> None:
+    def _run_timers(self) -> None:
+        """Fire the deadlines that are due, then the room's clock."""
+        now = self.now
+        for client in self.deadlines.pop_due(now):
+            try:
+                self._on_deadline(client)
+            except Exception:
+                self._internal_error(client)
+            if not client.closed:
+                self.deadlines.schedule(client, self._next_deadline(client))
+        if now >= self._next_tick:
+            self._next_tick = now + TICK
+            if self._accept_paused_until and now >= self._accept_paused_until:
+                self._accept_paused_until = 0.0
+                if not self.stopping:
+                    self.selector.register(self.listener, selectors.EVENT_READ, _LISTENER)
+            self.room.tick(now)
+            self._prune()
+            self.log.tick(now)
+
+    def _next_deadline(self, client: Client) -> float:
+        """The earliest time one of the client's timers can fire."""
+        if client.closing:
+            return client.close_deadline
+        limits = self.limits
+        when = client.last_recv + (limits.idle_timeout if client.pinged
+                                   else limits.idle_timeout / 2)
+        if client.name is None:
+            when = min(when, client.connected_at + limits.hello_timeout)
+        if client.partial_since:
+            when = min(when, client.partial_since + limits.frame_timeout)
+        if client.wake_at:
+            when = min(when, client.wake_at)
+        return when
+
+    def _on_deadline(self, client: Client) -> None:
+        """Fire whichever of the client's timers is due (at most one)."""
         now, limits = self.now, self.limits
-        if self._accept_paused_until and now >= self._accept_paused_until:
-            self._accept_paused_until = 0.0
-            if not self.stopping:
-                self.selector.register(self.listener, selectors.EVENT_READ, _LISTENER)
-        for client in list(self.clients.values()):
-            if client.closed:
-                continue
-            if client.closing:
-                if now >= client.close_deadline:
-                    self._close_now(client)
-            elif client.name is None and now - client.connected_at > limits.hello_timeout:
-                self._fail(client, "hello_timeout",
-                           f"no hello within {limits.hello_timeout:g} s", "timed_out")
-            elif client.partial_since and now - client.partial_since > limits.frame_timeout:
-                self._fail(client, "frame_timeout",
-                           f"frame not finished within {limits.frame_timeout:g} s", "timed_out")
-            elif now - client.last_recv > limits.idle_timeout:
-                self._fail(client, "idle_timeout",
-                           f"silent for {limits.idle_timeout:g} s", "timed_out")
-            elif not client.pinged and now - client.last_recv > limits.idle_timeout / 2:
-                client.pinged = True
-                self.send(client, protocol.encode_frame({"type": "ping", "token": "idle"},
-                                                        self.limits.max_frame))
-        self.room.tick(now)
-        self._prune()
-        self.log.tick(now)
+        if client.closing:
+            if now >= client.close_deadline:
+                self._close_now(client)
+        elif client.name is None and now >= client.connected_at + limits.hello_timeout:
+            self._fail(client, "hello_timeout",
+                       f"no hello within {limits.hello_timeout:g} s", "timed_out")
+        elif client.partial_since and now >= client.partial_since + limits.frame_timeout:
+            self._fail(client, "frame_timeout",
+                       f"frame not finished within {limits.frame_timeout:g} s", "timed_out")
+        elif now >= client.last_recv + limits.idle_timeout:
+            self._fail(client, "idle_timeout",
+                       f"silent for {limits.idle_timeout:g} s", "timed_out")
+        elif not client.pinged and now >= client.last_recv + limits.idle_timeout / 2:
+            client.pinged = True
+            self.send(client, protocol.encode_frame({"type": "ping", "token": "idle"},
+                                                    self.limits.max_frame))
+        if client.wake_at and now >= client.wake_at and not client.closing:
+            client.wake_at = 0.0
+            self._input_ready.add(client)  # its next token is due
 
     def _prune(self) -> None:
         """Retention, in small steps: more than one only while the steps are
@@ -713,6 +768,7 @@ class ChatServer:
                 self.send(client, frame)
             client.closing = True
             client.close_deadline = self._shutdown_deadline
+            self.deadlines.schedule(client, client.close_deadline)
             self.dirty.add(client)
         self.room.forget_all()
 

@@ -70,11 +70,16 @@ class Limits:
     # cannot hold a connection and a buffer forever.
     frame_timeout: float = 15.0
     # Token bucket: a person types well under 10 messages a second; a
-    # burst of 30 absorbs pastes and reconnect catch-up.
+    # burst of 30 absorbs pastes and reconnect catch-up.  Frames over the
+    # rate are not refused: they wait their turn (IRC's "fake lag").
     msg_rate: float = 10.0
     msg_burst: int = 30
-    # Frames dropped in a row for the rate before the client is cut off.
-    flood_strikes: int = 100
+    # How long input may keep waiting for the rate limit, without the
+    # client ever catching up, before it is disconnected for flooding.  A
+    # member who sent at a fifth of the rate through a 20 s stall waits
+    # about 1 s; one who floods is cut off after this, having got about
+    # msg_burst + msg_rate * flood_seconds frames through.
+    flood_seconds: float = 10.0
     # Output backlog past which a client is evicted as a slow reader; this
     # also bounds the shared room buffer.
     slow_reader_bytes: int = 1024 * 1024
@@ -101,7 +106,8 @@ _OPTIONS = (
     ("--frame-timeout", "frame_timeout", float, "seconds to finish a frame once begun"),
     ("--msg-rate", "msg_rate", float, "messages per second per client"),
     ("--msg-burst", "msg_burst", int, "burst allowance of the rate limit"),
-    ("--flood-strikes", "flood_strikes", int, "rate-limited frames in a row before disconnect"),
+    ("--flood-seconds", "flood_seconds", float,
+     "seconds input may wait for the rate limit without catching up before disconnect"),
     ("--slow-reader-bytes", "slow_reader_bytes", int, "output backlog before eviction"),
     ("--history", "history", int, "room events replayed after a welcome"),
     ("--history-replay", "history_replay", int, "most events one history request replays"),

@@ -85,7 +85,7 @@ def test_two_piped_clients_see_each_other(server, piped):
 
 
 def test_every_line_piped_before_eof_is_delivered(start_server, open_client):
-    # A small burst forces the rate limit: the client must resend, not lose.
+    # A small burst forces the rate limit: the server makes lines wait, none is lost.
     server = start_server("--msg-burst=10", "--msg-rate=50")
     alice = open_client(server.port, "alice")
     lines = [f"line {i}" for i in range(40)]
