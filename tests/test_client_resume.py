@@ -165,6 +165,37 @@ def test_client_survives_a_killed_server_and_shows_missed_messages_once(start_se
     assert "Traceback" not in bob.text("err")
 
 
+def test_a_server_restarted_on_its_database_is_continued_without_a_gap(start_server, piped,
+                                                                       open_client):
+    server = start_server("--max-per-ip=200")
+    port, db = server.port, server.db
+    bob = piped(port, "bob")
+    bob.expect(rf"^{TIME} \* bob@127.0.0.1 joined$")
+    alice = open_client(port, "alice")
+    alice.send({"type": "say", "text": "before the crash"})
+    bob.expect(rf"^{TIME} alice@127.0.0.1: before the crash$")
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait(5)
+    bob.expect(RECONNECTING, key="err")
+    restarted = start_server("--max-per-ip=200", f"--port={port}", f"--db={db}")
+    carol = open_client(restarted.port, "carol")
+    for i in range(3):
+        carol.send({"type": "say", "text": f"missed {i}"})
+    bob.expect(r"^\* reconnected as bob@127.0.0.1$")
+    bob.expect(rf"^{TIME} carol@127.0.0.1: missed 2$")
+    assert bob.finish() == 0
+    out = bob.text()
+    # Same epoch: the transcript simply continues; nothing is replayed as
+    # history, nothing twice, and no restart notice.
+    after = out[out.index("* reconnected as bob@127.0.0.1"):]
+    assert "(history)" not in after, out
+    assert transcript.NEW_EPOCH not in bob.text("err")
+    for i in range(3):
+        assert shown(bob, rf"^{TIME} carol@127.0.0.1: missed {i}$") == 1, out
+    assert shown(bob, r"alice@127.0.0.1: before the crash$") == 1
+    assert shown(bob, rf"^{TIME} \* carol@127.0.0.1 joined$") == 1
+
+
 def test_after_a_shutdown_notice_the_client_comes_back(start_server, piped, open_client):
     server = start_server("--max-per-ip=200")
     port = server.port
@@ -400,3 +431,31 @@ def test_transcript_pages_back_with_history_before():
     assert [line.text for line in page][0] == "* 2 earlier events:"
     assert texts(page) == ["m7", "m8"] and page[-1].text == "* /history shows more"
     assert t.pages == 1 and t.older(5)["before"] == 7
+
+
+def test_slash_history_reaches_back_before_the_oldest_line(start_server, piped, open_client):
+    # The welcome replays 3 events; the database keeps them all.
+    server = start_server("--history=3", "--max-per-ip=200")
+    alice = open_client(server.port, "alice")
+    for i in range(10):
+        alice.send({"type": "say", "text": f"old {i}"})
+    alice.recv_until(lambda m: m["type"] == "message" and m["text"] == "old 9")
+    bob = piped(server.port, "bob")
+    bob.expect(rf"^{TIME} \* bob@127.0.0.1 joined$")
+    # The welcome replayed old 7..9: four before them, then the rest.
+    bob.type("/history 4")
+    bob.expect(r"^\* /history shows more$")
+    bob.type("/history")
+    bob.expect(r"^\* that is the start of the kept history$")
+    bob.type("/history")
+    bob.expect(r"^\* nothing earlier is kept$")
+    assert bob.finish() == 0
+    out = bob.text()
+    first = out[out.index("* 4 earlier events:"):out.index("* /history shows more")]
+    assert re.findall(r"\(history\) alice@127.0.0.1: (old \d)$", first, re.M) == [
+        "old 3", "old 4", "old 5", "old 6"], out
+    second = out[out.index("* /history shows more"):]
+    assert re.findall(r"^\* \d+ earlier events:$", second, re.M) == ["* 4 earlier events:"]
+    assert re.findall(r"\(history\) alice@127.0.0.1: (old \d)$", second, re.M) == [
+        "old 0", "old 1", "old 2"], out
+    assert re.search(rf"^{TIME} \(history\) \* alice@127.0.0.1 joined$", second, re.M), out
