@@ -2,9 +2,10 @@
 through websockify in front of the same chat server, in one run.
 
     python tests/bench/gateway.py [--sessions 100] [--publishers 10]
-                                  [--window 8] [--text-bytes 100]
+                                  [--window 32] [--text-bytes 100]
                                   [--seconds 5] [--workers 1]
-                                  [--no-websockify]
+                                  [--no-websockify] [--baseline CHECKOUT]
+                                  [--profile PATH]
 
 Starts the chat server (rate limits lifted) and ``python -m gateway`` on
 free loopback ports, and ``websockify`` (``pip install websockify``; skipped
@@ -19,7 +20,11 @@ message, one per line); websockify carries raw frames in binary messages.
 Prints, per target, one line of key=value pairs: deliveries per second in
 the measured window, lost messages (must be 0), the target's CPU use, and
 its memory per session (PSS of its processes, all joined minus none, over
-SESSIONS).  Then the gateway/websockify ratio.  Not part of the test suite:
+SESSIONS), and the CPU use of the chat server and of this load generator
+(if either is near 100% of a core, it is the bottleneck, not the target).
+Then the gateway's ratio to websockify, and to ``--baseline``: the gateway
+of another checkout (``git worktree add --detach /tmp/old COMMIT``) run
+against the same server, for before/after figures in one run.  Not part of the test suite:
 timings belong in a benchmark, not in assertions.
 """
 
@@ -267,12 +272,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, default=100)
     parser.add_argument("--publishers", type=int, default=10)
-    parser.add_argument("--window", type=int, default=8,
+    parser.add_argument("--window", type=int, default=32,
                         help="messages each publisher keeps in flight")
     parser.add_argument("--text-bytes", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--workers", type=int, default=1, help="gateway worker processes")
     parser.add_argument("--no-websockify", action="store_true")
+    parser.add_argument("--baseline", metavar="CHECKOUT",
+                        help="also measure the gateway of another checkout (e.g. a git "
+                        "worktree of an older commit) against the same server")
     parser.add_argument("--profile", metavar="PATH",
                         help="run the gateway (one worker) under cProfile, stats to PATH")
     args = parser.parse_args()
@@ -286,12 +294,27 @@ def main() -> int:
     procs: list[subprocess.Popen] = []
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        def start(name: str, argv: list[str]) -> tuple[subprocess.Popen, Path]:
+        def start(name: str, argv: list[str], cwd: Path = ROOT
+                  ) -> tuple[subprocess.Popen, Path]:
             log_path = Path(tmp) / f"{name}.log"
             with open(log_path, "w") as log:
                 procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                              stdin=subprocess.DEVNULL, cwd=ROOT))
+                                              stdin=subprocess.DEVNULL, cwd=cwd))
             return procs[-1], log_path
+
+        def gateway_run(name: str, root: Path, python: list[str], options: list[str]) -> None:
+            # ``python -m gateway`` imports the package from its working
+            # directory, so ROOT or a baseline checkout decides the code.
+            gateway, log = start(name, [
+                sys.executable, *python, "-m", "gateway", "--http-port=0",
+                f"--chat-port={chat_port}", f"--max-sessions-per-ip={args.sessions + 10}",
+                "--log-level=info", *options], cwd=root)
+            http_port = int(wait_for(log, r"serving on http://\S+?:(\d+)/", gateway).group(1))
+            results[name] = asyncio.run(load(
+                f"http://127.0.0.1:{http_port}/ws", False, args, name[0], gateway.pid,
+                server.pid))
+            gateway.terminate()
+            gateway.wait(30)
 
         try:
             server, log = start("server", [
@@ -302,14 +325,10 @@ def main() -> int:
             chat_port = int(wait_for(log, r"listening on \S+:(\d+)", server).group(1))
 
             profile = ["-m", "cProfile", "-o", args.profile] if args.profile else []
-            gateway, log = start("gateway", [
-                sys.executable, *profile, "-m", "gateway", "--http-port=0",
-                f"--chat-port={chat_port}",
-                f"--max-sessions-per-ip={args.sessions + 10}", f"--workers={args.workers}",
-                "--log-level=info"])
-            http_port = int(wait_for(log, r"serving on http://\S+?:(\d+)/", gateway).group(1))
-            results["gateway"] = asyncio.run(load(
-                f"http://127.0.0.1:{http_port}/ws", False, args, "g", gateway.pid, server.pid))
+            workers = [f"--workers={args.workers}"] if args.workers > 1 else []
+            gateway_run("gateway", ROOT, profile, workers)
+            if args.baseline:
+                gateway_run("baseline", Path(args.baseline).resolve(), [], [])
 
             if websockify:
                 ws_port = free_port()
@@ -330,11 +349,12 @@ def main() -> int:
           f"text_bytes={args.text_bytes} seconds={args.seconds} workers={args.workers}")
     for name, result in results.items():
         print(name + ": " + " ".join(f"{k}={v}" for k, v in result.items()))
-    if "websockify" in results:
-        ratio = (results["gateway"]["deliveries_per_s"]
-                 / max(1, results["websockify"]["deliveries_per_s"]))
-        print(f"gateway/websockify={ratio:.1f}x")
-    elif not args.no_websockify:
+    for other in ("baseline", "websockify"):
+        if other in results:
+            ratio = (results["gateway"]["deliveries_per_s"]
+                     / max(1, results[other]["deliveries_per_s"]))
+            print(f"gateway/{other}={ratio:.2f}x")
+    if "websockify" not in results and not args.no_websockify:
         print("websockify not found: pip install websockify")
     return 0 if all(r["lost"] == 0 for r in results.values()) else 1
 
