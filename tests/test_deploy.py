@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import urllib.request
@@ -20,6 +21,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from browser_helpers import GatewayProcess
+from conftest import Program
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import deploy
@@ -209,3 +211,50 @@ def test_rendered_config_passes_nginx_own_check(tmp_path):
 def test_render_refuses_no_gateways(tmp_path):
     with pytest.raises(ValueError):
         deploy.render_nginx(tmp_path, "127.0.0.1:1", [])
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_demo_runs_one_room_over_two_nodes_and_ctrl_c_stops_every_part(tmp_path, open_client):
+    require_nginx()
+    demo = Program(tmp_path, "-m", "gateway.demo", "--port=0", f"--state={tmp_path / 'state'}")
+    try:
+        url = demo.wait_log(r"chat room ready: open (http://\S+/) in a browser",
+                            timeout=60).group(1)
+        log = demo.log_text()
+        pids = {name: int(pid) for name, pid in re.findall(r"(\S+) started as pid (\d+)", log)}
+        assert sorted(pids) == ["gateway-1", "gateway-2", "nginx", "redis", "server-a",
+                                "server-b"]
+        ports = dict(re.findall(r"(server-[ab]): chat port (\d+)", log))
+        ann = open_client(int(ports["server-a"]), "ann")
+        ben = open_client(int(ports["server-b"]), "ben")
+
+        async def through_nginx() -> str:
+            cleo = await WsMember.join(url, "cleo", "127.0.0.2")
+            try:
+                await cleo.send({"type": "say", "text": "hello both nodes"})
+                await cleo.until(lambda m: m.get("text") == "hello both nodes")
+                return cleo.label
+            finally:
+                await cleo.close()
+
+        cleo = asyncio.run(through_nginx())
+        assert cleo == "cleo@127.0.0.2"
+        for member in (ann, ben):  # one on each server, whichever gateway cleo used
+            heard = member.recv_until(lambda m: m.get("text") == "hello both nodes")[0]
+            assert heard["from"] == cleo
+        ann.send({"type": "say", "text": "from node A"})
+        assert ben.recv_until(lambda m: m.get("text") == "from node A")[0]["from"] \
+            == ann.label
+
+        assert demo.signal(signal.SIGINT, timeout=60) == 0
+        assert all(_gone(pid) for pid in pids.values()), demo.log_text()
+        assert (tmp_path / "state" / "redis" / "appendonlydir").is_dir()  # persistence on
+    finally:
+        demo.kill()
