@@ -200,6 +200,7 @@ class Session:
         self.refused: str | None = None  # a closing error code that forbids a return
         self.quitting = False
         self._members: list = []
+        self.who_prefix = ""  # the PREFIX of the /who being answered
         self._waiter: tuple[asyncio.Future, Reply] | None = None
 
     async def send(self, message: dict) -> None:
@@ -230,6 +231,7 @@ class Session:
             raise
         rejoin = bool(self.label)
         self.conn, self.shutdown, self.label = conn, False, welcome["label"]
+        self._members, self.who_prefix = [], ""  # a /who cut off by the drop
         self.resume = welcome.get("resume")
         lines, request = self.transcript.welcome(welcome, rejoin)
         self._print(lines)
@@ -329,7 +331,12 @@ class Session:
             self.show(display.private(msg, self.label))
         elif kind == "members":
             self._members.extend(msg["members"])
-            if not msg["more"]:
+            if msg.get("cursor") is not None:
+                # One page of a large room's list: show it, say there is more.
+                self.show(display.members(self._members, msg.get("count"), True,
+                                          self.who_prefix))
+                self._members, self.who_prefix = [], ""
+            elif not msg["more"]:
                 self._show_members()
         elif kind == "error" and msg["code"] == "unknown_seq" and transcript.filling:
             self._print(transcript.unknown_seq())
@@ -359,8 +366,8 @@ class Session:
             self.show(line.text, err=line.err, dim=line.dim)
 
     def _show_members(self) -> None:
-        self.show(display.members(self._members))
-        self._members = []
+        self.show(display.members(self._members, prefix=self.who_prefix))
+        self._members, self.who_prefix = [], ""
 
     async def _pong(self, conn: Connection, ping: dict) -> None:
         reply = {"type": "pong"}

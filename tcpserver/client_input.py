@@ -1,6 +1,6 @@
 """The terminal client's input: typed or piped lines, and what each does.
 
-Commands: ``/who``, ``/msg NAME TEXT``, ``/history [N]`` (the N events,
+Commands: ``/who [PREFIX]``, ``/msg NAME TEXT``, ``/history [N]`` (the N events,
 default 20, before the oldest one shown), ``/quit``, ``/help``; ``//text``
 sends ``/text``.
 
@@ -27,6 +27,7 @@ from tcpserver.client import Reply, Session
 log = logging.getLogger(__name__)
 
 HISTORY_DEFAULT = 20
+WHO_LIMIT = 100  # names in one /who PREFIX page: a screenful or two
 
 
 def outgoing_text(line: str) -> str | None:
@@ -92,8 +93,13 @@ async def _command(session: Session, command: str, rest: str, confirm: bool) -> 
     if command == "help":
         session.show(display.HELP)
     elif command == "who":
-        await _submit(session, {"type": "who"},
-                      lambda m: m["type"] == "members" and not m["more"], confirm)
+        prefix = session.who_prefix = rest.strip()
+        # A prefix asks for one page; a large room pages a plain /who too.
+        request = {"type": "who", "prefix": prefix, "limit": WHO_LIMIT} if prefix else {
+            "type": "who"}
+        await _submit(session, request,
+                      lambda m: m["type"] == "members" and (
+                          not m["more"] or m.get("cursor") is not None), confirm)
     elif command == "msg":
         to, _, text = rest.strip().partition(" ")
         if not to or not text.strip():

@@ -38,7 +38,7 @@ from typing import Callable
 
 HELP = """\
 commands:
-  /who             list the members of the room
+  /who [PREFIX]    list the members of the room (whose name starts with PREFIX)
   /msg NAME TEXT   send TEXT to NAME only
   /history [N]     show the N (default 20) events before the oldest shown
   /quit            leave the room (Ctrl-D does too)
@@ -121,9 +121,21 @@ def private(msg: dict, me: str) -> str:
     return f"{clock(msg['ts'])} (private) {sender} -> {recipient}: {clean(msg['text'])}"
 
 
-def members(labels: list[str]) -> str:
-    """Return the ``* in the room (N): a, b`` line for a member list."""
-    return f"* in the room ({len(labels)}): " + ", ".join(clean(str(x)) for x in labels)
+def members(labels: list[str], total: int | None = None, more: bool = False,
+            prefix: str = "") -> str:
+    """Return the ``* in the room (N): a, b`` line for a member list.
+
+    ``more`` marks one page of a larger list (``total`` members in the
+    room): ``* in the room (1200), the first 100: a, b and more (...)``.
+    ``prefix`` names the ``/who PREFIX`` the list answers.
+    """
+    names = ", ".join(clean(str(x)) for x in labels)
+    head = f"* names starting with {clean(prefix)!r}" if prefix else "* in the room"
+    if not more:
+        return f"{head} ({len(labels)}): {names}"
+    count = "?" if total is None else total
+    return (f"{head} ({count} in the room), the first {len(labels)}: {names} and more "
+            "(/who PREFIX lists names starting with PREFIX)")
 
 
 def error(code: str, message: str) -> str:

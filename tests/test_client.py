@@ -217,7 +217,9 @@ def test_chunked_member_lists_are_joined(start_server, open_client):
     server = start_server("--max-frame=1024", "--max-per-ip=200")
     names = [f"member-{i:02d}-" + "x" * 22 for i in range(25)]
     for name in names:
-        open_client(server.port, name)
+        member = open_client(server.port)
+        member.send({"type": "hello", "name": name})
+        member.recv_type("welcome")  # no join is broadcast in a large room
     result = run_piped(server.port, "bob", "/who\n")
     assert result.returncode == 0, result.stderr
     expected = sorted([f"{n}@127.0.0.1" for n in names] + ["bob@127.0.0.1"])
@@ -225,6 +227,28 @@ def test_chunked_member_lists_are_joined(start_server, open_client):
     assert len(lists) == 2, result.stdout  # on joining, and for /who
     for count, labels in lists:
         assert int(count) == 26 and sorted(labels.split(", ")) == expected
+
+
+def test_who_in_a_large_room_shows_a_page_and_prefix_narrows(start_server, open_client):
+    # Over --announce-limit the welcome carries a count, not names, and a
+    # plain /who gets one page of 100 (the server's page) with more to come.
+    server = start_server("--announce-limit=5", "--max-per-ip=200")
+    names = [f"m{i:03d}" for i in range(104)] + ["carol"]
+    for name in names:
+        member = open_client(server.port)
+        member.send({"type": "hello", "name": name})
+        member.recv_type("welcome")  # no join is broadcast in a large room
+    result = run_piped(server.port, "bob", "/who\n/who CA\n")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^\* 106 in the room \(/who lists them\)$", result.stdout, re.M), \
+        result.stdout
+    page = re.search(r"^\* in the room \(106 in the room\), the first 100: (.*) and more "
+                     r"\(/who PREFIX lists names starting with PREFIX\)$", result.stdout, re.M)
+    assert page, result.stdout
+    assert page.group(1).split(", ") == sorted(
+        f"{n}@127.0.0.1" for n in ["bob", "carol"] + names[:-1])[:100]
+    assert re.search(r"^\* names starting with 'CA' \(1\): carol@127.0.0.1$", result.stdout,
+                     re.M), result.stdout
 
 
 def fake_server(script):
