@@ -20,11 +20,22 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from browser_helpers import GatewayProcess
+from browser_helpers import (
+    GatewayProcess,
+    expect_,
+    join,
+    message_entry,
+    notice_entry,
+    room_entries,
+    say,
+)
 from conftest import Program
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import deploy
+
+# start_redis; the browser and pages fixtures.
+pytest_plugins = ["redis_fixtures", "browser_fixtures"]
 
 NGINX_TIMEOUT = 10.0
 
@@ -258,3 +269,60 @@ def test_demo_runs_one_room_over_two_nodes_and_ctrl_c_stops_every_part(tmp_path,
         assert (tmp_path / "state" / "redis" / "appendonlydir").is_dir()  # persistence on
     finally:
         demo.kill()
+
+
+@pytest.mark.browser
+def test_pages_on_both_gateways_and_terminals_on_both_servers_chat_in_one_room(
+        start_redis, start_server, trusting_gateway, start_nginx, pages, piped):
+    expect = expect_()
+    redis = start_redis(persist=True)
+    node_a, node_b = (start_server("--max-per-ip=200", f"--redis={redis.url}", "--room=deploy")
+                      for _ in range(2))
+    gateway_1, gateway_2 = trusting_gateway(node_a.port), trusting_gateway(node_b.port)
+    nginx = start_nginx([f"127.0.0.1:{g.port}" for g in (gateway_1, gateway_2)])
+
+    alice = pages.open(nginx.url)
+    join(alice, "alice")
+    bob = pages.open(nginx.url)
+    join(bob, "bob")
+    # least_conn put bob's WebSocket on the gateway alice's is not on.
+    assert [gateway_sessions(gateway_1), gateway_sessions(gateway_2)] == [1, 1]
+    assert all(url.startswith(f"ws://127.0.0.1:{nginx.port}/") for url in pages.sockets)
+    expect(notice_entry(alice, "join", "bob")).to_have_count(1)
+
+    carol = piped(node_a.port, "carol")
+    carol.expect(r"^\* joined as carol@")
+    dave = piped(node_b.port, "dave")
+    dave.expect(r"^\* joined as dave@")
+    for page in (alice, bob):
+        expect(notice_entry(page, "join", "carol")).to_have_count(1)
+        expect(notice_entry(page, "join", "dave")).to_have_count(1)
+    carol.expect(r"\* dave@\S+ joined$")
+
+    said = {"carol": "hello from server A's terminal", "dave": "and from server B's",
+            "alice": "hello from page 1", "bob": "and page 2"}
+    carol.type(said["carol"])
+    dave.type(said["dave"])
+    say(alice, said["alice"])
+    say(bob, said["bob"])
+    for page in (alice, bob):
+        for sender, text in said.items():
+            expect(message_entry(page, sender, text)).to_have_count(1)
+    for terminal in (carol, dave):
+        for sender, text in said.items():
+            terminal.expect(rf"\] {sender}@\S+: {re.escape(text)}$")
+
+    # One transcript, one order, own messages included, on every node.
+    def terminal_order(terminal) -> list[str]:
+        return [line.split(": ", 1)[1] for line in terminal.lines["out"]
+                if re.search(r"\] \w+@\S+: ", line)]
+
+    orders = [terminal_order(carol), terminal_order(dave)]
+    for page in (alice, bob):
+        entries = [e for e in room_entries(page) if e["kind"] == "message"]
+        orders.append([e["text"] for e in entries])
+        seqs = [e["seq"] for e in entries]
+        assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    assert all(order == orders[0] for order in orders), orders
+    assert sorted(orders[0]) == sorted(said.values())
+    assert pages.problems == []
