@@ -31,7 +31,7 @@ class Client:
     __slots__ = (
         "sock", "fd", "peer_ip", "ip", "decoder", "name", "label",
         "pos", "stop_at", "queue", "queued_bytes", "reply_bytes", "replay", "hold_at",
-        "writing", "reading", "resume",
+        "writing", "reading", "resume", "waiting",
         "tokens", "token_time", "held", "throttled_since", "wake_at", "timer_at",
         "connected_at", "last_recv", "pinged", "partial_since",
         "closing", "close_deadline", "fin_sent", "closed",
@@ -55,6 +55,7 @@ class Client:
         self.writing = False  # EVENT_WRITE registered: the kernel buffer is full
         self.reading = True  # EVENT_READ registered
         self.resume: str | None = None  # the secret that takes this name back
+        self.waiting = False  # a request awaits an answer from elsewhere (Redis)
         self.tokens = float(limits.msg_burst)
         self.token_time = now
         # A frame decoded but waiting for a token (fake lag): a parsed

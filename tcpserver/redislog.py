@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import selectors
+import time
 from typing import Any, Callable
 
 from tcpserver import protocol, resp
@@ -56,17 +57,28 @@ READ_COUNT = 1000
 _SENTINEL = 10**15
 _SEQ_MARK = b'"seq":%d' % _SENTINEL
 
+# Shared by every script that publishes (KEYS[2] = seq, KEYS[3] = stream,
+# ARGV[2] = retain): the next seq, spliced between the payload's two halves,
+# the 4-byte big-endian length in front, appended as entry 0-<seq>.
+PUBLISH_ONE = """
+local function publish(head, tail)
+  local seq = redis.call('INCR', KEYS[2])
+  local payload = head .. seq .. tail
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '0-' .. seq,
+             'f', struct.pack('>I4', #payload) .. payload)
+  return seq
+end
+"""
+
 PUBLISH = """
 -- KEYS: epoch, seq, stream.  ARGV: epoch, retain, then (prefix, suffix) pairs.
+""" + PUBLISH_ONE + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('EPOCH the room epoch changed')
 end
 local seq
 for i = 3, #ARGV, 2 do
-  seq = redis.call('INCR', KEYS[2])
-  local payload = ARGV[i] .. seq .. ARGV[i + 1]
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '0-' .. seq,
-             'f', struct.pack('>I4', #payload) .. payload)
+  seq = publish(ARGV[i], ARGV[i + 1])
 end
 return seq
 """
@@ -112,7 +124,11 @@ class RedisLog(RoomLog):
         # Another stream read by the same XREAD (a node's private inbox):
         # key -> (last ID, handler of each entry's field list).
         self.extra_streams: dict[str, list] = {}
+        # The presence's hooks: on each (re)connect, on the tick, at close.
         self.up_hooks: list[Callable[[], None]] = []
+        self.tick_hooks: list[Callable[[float], None]] = []
+        self.close_hooks: list[Callable[[], None]] = []
+        self.stats.redis = True
         self.cmd: resp.RedisConnection | None = None
         self.reader: resp.RedisConnection | None = None
         self._start()
@@ -138,6 +154,11 @@ class RedisLog(RoomLog):
             entries.append((seq, fields[1]))
         self._recent.extend(reversed(entries))
         self._last_seq = entries[0][0] if entries else 0
+
+    def make_presence(self):
+        from tcpserver.redispresence import RedisPresence
+
+        return RedisPresence(self)
 
     def attach(self, selector: selectors.BaseSelector) -> None:
         """Open the two connections in the server's selector."""
@@ -213,8 +234,13 @@ class RedisLog(RoomLog):
             for prefix, suffix, _ in staged:
                 args += [prefix, suffix]
 
+            sent = time.monotonic()
+
             def published(reply: Any) -> None:
-                if isinstance(reply, Exception):
+                self.stats.redis_round_trip(time.monotonic() - sent)
+                if not isinstance(reply, Exception):
+                    self.stats.published += len(owners)
+                else:
                     if str(reply).startswith("EPOCH"):
                         self._lose_epoch()
                     log.error("room log: %d events not published: %s", len(owners), reply)
@@ -253,6 +279,8 @@ class RedisLog(RoomLog):
             name = name.decode()
             if name == self.key("stream"):
                 self._deliver(entries)
+                # A full reply means more entries wait in the stream.
+                self.stats.stream_lag_events = READ_COUNT if len(entries) == READ_COUNT else 0
             elif name in self.extra_streams:
                 state = self.extra_streams[name]
                 for entry_id, fields in entries:
@@ -289,6 +317,8 @@ class RedisLog(RoomLog):
     def tick(self, now: float) -> None:
         self.cmd.tick(now)
         self.reader.tick(now)
+        for hook in self.tick_hooks:
+            hook(now)
 
     @property
     def degraded(self) -> str | None:
@@ -298,6 +328,8 @@ class RedisLog(RoomLog):
         return None
 
     def close(self) -> None:
+        for hook in self.close_hooks:
+            hook()
         for conn in (self.cmd, self.reader):
             if conn is not None:
                 conn.close()

@@ -196,6 +196,11 @@ class RoomLog(abc.ABC):
         storage lost the transcript): every member must reconnect."""
         return False
 
+    def make_presence(self):
+        """The ``presence.Presence`` for a room shared with other processes
+        through this log's storage; None for a room in one process."""
+        return None
+
     def attach(self, selector) -> None:
         """Register the log's sockets in the server's selector."""
 

@@ -21,6 +21,7 @@ from typing import Protocol
 
 from tcpserver import protocol
 from tcpserver.client_state import Client
+from tcpserver.presence import Claim, MemoryPresence, Presence
 from tcpserver.roomlog import RoomLog, StorageError
 from tcpserver.settings import IPNetwork, Limits
 
@@ -76,12 +77,14 @@ class Room:
     """Members, names and the room's commands."""
 
     def __init__(self, limits: Limits, roomlog: RoomLog, outbox: Outbox,
-                 trusted: tuple[IPNetwork, ...]) -> None:
+                 trusted: tuple[IPNetwork, ...], presence: Presence | None = None) -> None:
         self.limits = limits
         self.log = roomlog
         self.out = outbox
         self.trusted = trusted
-        self.members: dict[str, Client] = {}  # by casefolded name
+        self.members: dict[str, Client] = {}  # on this process, by casefolded name
+        self.presence = presence if presence is not None else MemoryPresence()
+        self.presence.bind(self)
         self._names: list[str] = []  # casefolded names, sorted, for paging
         self._staged_by: list[Client | None] = []  # who staged each event
         self._presence_sent = (0, 0.0)  # (count, when)
@@ -96,7 +99,7 @@ class Room:
     @property
     def large(self) -> bool:
         """Over ``--announce-limit``: no join/leave broadcasts, paged lists."""
-        return len(self.members) > self.limits.announce_limit
+        return self.presence.count() > self.limits.announce_limit
 
     # --- input -----------------------------------------------------------
 
@@ -112,11 +115,22 @@ class Room:
         key = client.name.casefold()
         del self.members[key]
         del self._names[bisect.bisect_left(self._names, key)]
+        self.presence.release(client)
         log.info("%s left (%s)", client.label, reason)
-        if len(self.members) < self.limits.announce_limit:  # not large: announce it
+        if self.presence.count() < self.limits.announce_limit:  # not large: announce it
             self._stage({"type": "leave", "member": client.label, "reason": reason,
                          "ts": now_ms()}, None)
         self.out.leaving(client)
+
+    def replaced_elsewhere(self, client: Client) -> None:
+        """The member's name was taken back on another process with its
+        resume token (which announced the leave): close this stale copy."""
+        key = client.name.casefold()
+        if self.members.get(key) is client:
+            del self.members[key]
+            del self._names[bisect.bisect_left(self._names, key)]
+            log.info("%s left (replaced on another server)", client.label)
+        self.out.drop(client)
 
     def forget_all(self) -> None:
         """Shutdown: everyone is out at once, announced by ``shutdown``."""
@@ -159,11 +173,12 @@ class Room:
         count, when = self._presence_sent
         large = self.large
         if large or self._large_announced:
-            if (count != len(self.members) or large != self._large_announced) \
+            members = self.presence.count()
+            if (count != members or large != self._large_announced) \
                     and now - when >= PRESENCE_INTERVAL:
-                self._presence_sent = (len(self.members), now)
+                self._presence_sent = (members, now)
                 self._large_announced = large
-                self.out.broadcast(self._encode({"type": "presence", "count": len(self.members),
+                self.out.broadcast(self._encode({"type": "presence", "count": members,
                                                  "large": large}))
 
     # --- commands --------------------------------------------------------
@@ -182,32 +197,62 @@ class Room:
             self._error(client, "too_many_connections", f"too many connections from {address}")
             self.out.close(client)
             return
-        if held is not None:
+        label, token = f"{name}@{address}", secrets.token_hex(16)
+        # The claim is answered at once in one process, after a Redis round
+        # trip in a shared room; the client's next requests wait for it.
+        client.waiting = True
+        self.presence.claim(client, key, label, token, message.get("resume"),
+                            lambda claim: self._claimed(client, name, label, token, claim))
+
+    def _claimed(self, client: Client, name: str, label: str, token: str,
+                 claim: Claim) -> None:
+        client.waiting = False
+        key = name.casefold()
+        if claim.error is not None:
+            text = (f"the name {name!r} is taken" if claim.error == "name_taken" else
+                    "the room cannot take new members right now; try again later")
+            # A reply, so the client's next request waits until it is sent.
+            self.out.send(client, self._encode({"type": "error", "code": claim.error,
+                                                "message": text}), reply=True)
+            return
+        if client.closed:  # hung up while the claim was on its way
+            client.name, client.resume = name, token
+            self.presence.release(client)
+            client.name = None
+            return
+        held = self.members.get(key)
+        if held is not None and held is not client:
             # The member's own reconnect: its old connection is stale.
             self.leave(held, "replaced")
             self.out.drop(held)
+        elif claim.replaced is not None and claim.count <= self.limits.announce_limit:
+            # Taken back from a stale connection on another process.
+            self._stage({"type": "leave", "member": claim.replaced, "reason": "replaced",
+                         "ts": now_ms()}, None)
         client.name = name
-        client.label = f"{name}@{address}"
-        client.resume = secrets.token_hex(16)
+        client.label = label
+        client.resume = token
         self.members[key] = client
         bisect.insort(self._names, key)
-        self._welcome(client)
+        self._welcome(client, claim.labels)
         log.info("%s joined", client.label)
         if not self.large:
             self._stage({"type": "join", "member": client.label, "ts": now_ms()}, None)
 
-    def _welcome(self, client: Client) -> None:
+    def _welcome(self, client: Client, labels: list[str] | None) -> None:
         # The welcome and replayed history are queued at the current end of
         # the stream, and the member reads the stream from here: so events
         # staged this turn, its own join included, follow them, and nothing
         # is missed or seen twice.
         large = self.large
-        chunks = [[]] if large else self._member_chunks(self.members.values())
+        if labels is None:
+            labels = [member.label for member in self.members.values()]
+        chunks = [[]] if large else self._member_chunks(labels)
         count, history = self.log.tail(self.limits.history)
         self.out.send(client, self._encode({
             "type": "welcome", "name": client.name, "label": client.label,
             "epoch": self.log.epoch, "last_seq": self.log.last_seq, "members": chunks[0],
-            "more": len(chunks) > 1, "history": count, "count": len(self.members),
+            "more": len(chunks) > 1, "history": count, "count": self.presence.count(),
             "large": large, "resume": client.resume}), reply=True)
         self._send_chunks(client, chunks[1:])
         if history:
@@ -239,6 +284,8 @@ class Room:
         protocol.check_text(message["text"])
         name = message["to"].split("@", 1)[0]
         target = self.members.get(name.casefold())
+        if target is None and self.presence.distributed:
+            return self.presence.private(client, message)  # maybe on another process
         if target is None or (message["to"] != name and message["to"] != target.label):
             raise protocol.MessageError("no_such_member", f"no one called {message['to']!r}")
         frame = self._encode({"type": "private", "from": client.label, "to": target.label,
@@ -249,10 +296,13 @@ class Room:
 
     def _on_who(self, client: Client, message: dict) -> None:
         self._require_member(client)
+        if self.presence.distributed:
+            return self.presence.who(client, message)
         limit = message.get("limit")
         if limit is None and message.get("prefix") is None and message.get("cursor") is None \
                 and not self.large:
-            return self._send_chunks(client, self._member_chunks(self.members.values()))
+            return self._send_chunks(client, self._member_chunks(
+                [member.label for member in self.members.values()]))
         limit = WHO_PAGE if limit is None else limit
         if not 1 <= limit <= WHO_PAGE_MAX:
             raise protocol.MessageError("bad_message", f"who: limit is 1 to {WHO_PAGE_MAX}")
@@ -269,10 +319,12 @@ class Room:
             page.append(self.members[names[i]])
         end = start + len(page)
         more = end < len(names) and names[end].startswith(prefix)
-        chunk = self._member_chunks(page)[0]  # a page fits one frame: trim if not
+        # A page fits one frame: trim it if not.
+        chunk = self._member_chunks([member.label for member in page])[0]
         if len(chunk) < len(page):
             more = True
-        reply = {"type": "members", "members": chunk, "more": more, "count": len(self.members)}
+        reply = {"type": "members", "members": chunk, "more": more,
+                 "count": self.presence.count()}
         if more and chunk:
             reply["cursor"] = names[start + len(chunk) - 1]
         self.out.send(client, self._encode(reply), reply=True)
@@ -345,17 +397,17 @@ class Room:
         if client.name is None:
             raise protocol.MessageError("not_joined", "say hello first")
 
-    def _member_chunks(self, members) -> list[list[str]]:
+    def _member_chunks(self, labels: list[str]) -> list[list[str]]:
         """Member labels split so that each list fits in one frame."""
         budget = self.limits.max_frame - _MEMBERS_FRAME_SLACK
         chunks: list[list[str]] = [[]]
         size = 0
-        for member in members:
-            cost = len(member.label.encode()) + 3  # quotes and comma
+        for label in labels:
+            cost = len(label.encode()) + 3  # quotes and comma
             if size + cost > budget and chunks[-1]:
                 chunks.append([])
                 size = 0
-            chunks[-1].append(member.label)
+            chunks[-1].append(label)
             size += cost
         return chunks
 
@@ -363,7 +415,7 @@ class Room:
         for i, chunk in enumerate(chunks):
             self.out.send(client, self._encode(
                 {"type": "members", "members": chunk, "more": i < len(chunks) - 1,
-                 "count": len(self.members)}), reply=True)
+                 "count": self.presence.count()}), reply=True)
 
 
 def _same_secret(expected: str | None, given: str | None) -> bool:

@@ -111,8 +111,9 @@ class ChatServer:
         if roomlog is None:
             roomlog = MemoryLog(limits.max_frame, limits.history, limits.history)
         self.log = roomlog
+        presence = roomlog.make_presence()  # None: this process is the whole room
         roomlog.attach(self.selector)  # a networked log's sockets join the loop
-        self.room = Room(limits, roomlog, self, self.trusted)
+        self.room = Room(limits, roomlog, self, self.trusted, presence)
         self._flushed_end = 0
         # Counters for --metrics-port, kept whether or not it is served; the
         # log holds them, as it alone sees what it stored (Redis: acknowledged).
@@ -308,7 +309,7 @@ class ChatServer:
         decoder = client.decoder
         busy = throttled = False
         while not client.closing:
-            if client.reply_bytes or client.hold_at is not None:
+            if client.reply_bytes or client.hold_at is not None or client.waiting:
                 # One reply at a time: the next request waits until this one
                 # is sent, so a client cannot queue unbounded output.
                 busy = True

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 pytest_plugins = ["redis_fixtures"]
@@ -61,3 +63,90 @@ def test_six_members_on_two_nodes_see_one_identical_transcript(start_redis, node
     for n, member in enumerate(members):
         own = [k[3] for k in transcripts[n] if k[2] == member.label]
         assert own == [f"{n}:{i}" for i in range(BURST)]
+
+
+def test_a_name_is_unique_across_nodes_and_a_resume_token_takes_it_back(
+        start_redis, node, open_client):
+    redis = start_redis()
+    a, b = node(redis), node(redis)
+    alice = open_client(a.port)
+    welcome = alice.join("Alice")
+    bob = open_client(b.port, "bob")
+    intruder = open_client(b.port)
+    intruder.send({"type": "hello", "name": "ALICE"})
+    assert intruder.recv_type("error")["code"] == "name_taken"
+    intruder.send({"type": "hello", "name": "alice", "resume": "0" * 32})
+    assert intruder.recv_type("error")["code"] == "name_taken"
+    # The right token on node B takes the name from the stale connection on A.
+    intruder.send({"type": "hello", "name": "alice", "resume": welcome["resume"]})
+    assert intruder.recv_type("welcome")["name"] == "alice"
+    assert alice.closed_by_server()
+    leave, _ = bob.recv_until(lambda m: m["type"] == "leave")
+    assert (leave["member"], leave["reason"]) == ("Alice@127.0.0.1", "replaced")
+    join = bob.recv_type("join")
+    assert join["member"] == "alice@127.0.0.1" and join["seq"] == leave["seq"] + 1
+
+
+def test_private_message_and_who_cross_nodes(start_redis, node, open_client):
+    redis = start_redis()
+    a, b = node(redis), node(redis)
+    alice = open_client(a.port, "alice")
+    carol = open_client(a.port, "carol")
+    bob = open_client(b.port, "bob")
+    welcome = open_client(b.port).join("dave")
+    assert welcome["members"] == ["alice@127.0.0.1", "bob@127.0.0.1", "carol@127.0.0.1",
+                                  "dave@127.0.0.1"]
+    assert welcome["count"] == 4
+    alice.send({"type": "private", "to": "bob", "text": "psst"})
+    got = bob.recv_type("private")
+    assert (got["from"], got["to"], got["text"]) == ("alice@127.0.0.1", "bob@127.0.0.1", "psst")
+    assert alice.recv_type("private")["text"] == "psst"  # the sender's copy
+    alice.send({"type": "private", "to": "nobody", "text": "x"})
+    assert alice.recv_type("error")["code"] == "no_such_member"
+    alice.send({"type": "private", "to": "bob@10.9.9.9", "text": "x"})  # a wrong label
+    assert alice.recv_type("error")["code"] == "no_such_member"
+    bob.send({"type": "who"})
+    members = bob.recv_type("members")
+    assert members["members"] == welcome["members"] and members["count"] == 4
+    # Paged, with a prefix and a cursor, over both nodes.
+    carol.send({"type": "who", "limit": 2})
+    first = carol.recv_type("members")
+    assert first["members"] == ["alice@127.0.0.1", "bob@127.0.0.1"] and first["more"]
+    carol.send({"type": "who", "limit": 2, "cursor": first["cursor"]})
+    second = carol.recv_type("members")
+    assert second["members"] == ["carol@127.0.0.1", "dave@127.0.0.1"]
+    assert not second["more"]
+    carol.send({"type": "who", "limit": 10, "prefix": "D"})
+    assert carol.recv_type("members")["members"] == ["dave@127.0.0.1"]
+
+
+@pytest.mark.parametrize("survivors", [1, 2])
+def test_members_of_a_killed_node_leave_once_within_15_s(start_redis, node, open_client,
+                                                        survivors):
+    redis = start_redis()
+    nodes = [node(redis) for _ in range(survivors)]
+    doomed = node(redis)
+    watchers = [open_client(n.port, f"watcher{i}") for i, n in enumerate(nodes)]
+    victims = [open_client(doomed.port, f"victim{i}") for i in range(3)]
+    labels = {v.label for v in victims}
+    for watcher in watchers:
+        watcher.recv_until(lambda m: m.get("member") == victims[-1].label)
+    doomed.kill()
+    started = time.monotonic()
+    for watcher in watchers:
+        leaves = []
+        while {m["member"] for m in leaves} != labels:
+            message = watcher.recv(max(0.01, started + 15 - time.monotonic()))
+            if message["type"] == "leave":
+                leaves.append(message)
+        assert all(m["reason"] == "hung_up" for m in leaves)
+        assert len(leaves) == 3
+    assert time.monotonic() - started < 15
+    # Once each: nothing more arrives after a few more reap rounds.
+    time.sleep(5)
+    for watcher in watchers:
+        watcher.send({"type": "ping", "token": "end"})
+        _, before = watcher.recv_until(lambda m: m.get("token") == "end")
+        assert not [m for m in before if m["type"] == "leave"]
+    # Their names are free again.
+    open_client(nodes[0].port, "victim0")

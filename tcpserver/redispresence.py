@@ -1,0 +1,374 @@
+"""Presence across every server of a room kept in Redis.
+
+Keys (prefix ``chatroom:{ROOM}:``, shared with ``tcpserver.redislog``):
+
+* ``names``  -- hash: casefolded name -> ``NODE\\nTOKEN\\nLABEL_JSON``
+  (the node holding the member, its resume secret, its label as JSON);
+* ``index``  -- sorted set of casefolded names, all score 0, for paged
+  ``who`` by ``ZRANGEBYLEX`` (byte order = Unicode code point order);
+* ``nodes``  -- set of node ids; ``node:ID:alive`` -- a key with a TTL
+  (``PX``) that the node renews; ``node:ID:members`` -- the names it holds;
+  ``node:ID:inbox`` -- stream of private frames (and take-back notices) for
+  that node's members, read by the same ``XREAD`` as the room stream.
+
+A name is claimed by one script (``CLAIM``), so two nodes cannot both give
+it out; a resume token takes it back from any node.  Every ``REAP_EVERY``
+seconds each node runs ``REAP``: for each registered node whose alive key
+expired, it removes its members and publishes each one's ``leave``
+(``hung_up``) through the same seq/``XADD`` logic as a ``say``, then
+unregisters the node -- all in one script, so two survivors reaping at once
+publish each leave once.  A node that reconnected to Redis waits
+``REAP_GRACE`` before reaping, so that after a Redis restart every live
+node has had time to renew its key; on reconnecting it re-asserts its
+registration and members (publishing a ``join`` for any that were reaped).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import socket
+import time
+from typing import Any, Callable
+
+from tcpserver import protocol, resp
+from tcpserver.presence import Claim, Presence
+from tcpserver.redislog import PUBLISH_ONE, RedisLog, Script
+from tcpserver.rules import WHO_PAGE, WHO_PAGE_MAX, now_ms
+
+log = logging.getLogger(__name__)
+
+# The alive key lives this long unless renewed every HEARTBEAT seconds:
+# a node that stops is noticed within NODE_TTL + REAP_EVERY (about 7 s).
+NODE_TTL_MS = 5000
+HEARTBEAT = 1.0
+REAP_EVERY = 2.0
+# After a reconnect, every live node needs up to one backoff to reconnect
+# and renew its key before anyone may call it dead.
+REAP_GRACE = resp.BACKOFF_MAX + NODE_TTL_MS / 1000
+# Private frames kept per node inbox (MAXLEN ~): it is read at once.
+INBOX_RETAIN = 10_000
+
+_SPLIT = "local n, tok, label = string.match(v, '^([^\\n]*)\\n([^\\n]*)\\n(.*)$')\n"
+
+CLAIM = """
+-- KEYS: names, index.  ARGV: prefix, node, key, value, resume, announce_limit.
+local v = redis.call('HGET', KEYS[1], ARGV[3])
+local out = {1, 0, '', '', ''}
+if v then
+""" + _SPLIT + """
+  if ARGV[5] == '' or tok ~= ARGV[5] then return {0} end
+  redis.call('SREM', ARGV[1] .. 'node:' .. n .. ':members', ARGV[3])
+  out[3], out[4], out[5] = n, tok, label
+end
+redis.call('HSET', KEYS[1], ARGV[3], ARGV[4])
+redis.call('ZADD', KEYS[2], 0, ARGV[3])
+redis.call('SADD', ARGV[1] .. 'node:' .. ARGV[2] .. ':members', ARGV[3])
+out[2] = redis.call('HLEN', KEYS[1])
+if out[2] <= tonumber(ARGV[6]) then
+  for _, x in ipairs(redis.call('HGETALL', KEYS[1])) do out[#out + 1] = x end
+end
+return out
+"""
+
+RELEASE = """
+-- KEYS: names, index.  ARGV: prefix, node, key, token.
+local v = redis.call('HGET', KEYS[1], ARGV[3])
+if v then
+""" + _SPLIT + """
+  if tok == ARGV[4] then
+    redis.call('HDEL', KEYS[1], ARGV[3])
+    redis.call('ZREM', KEYS[2], ARGV[3])
+    redis.call('SREM', ARGV[1] .. 'node:' .. n .. ':members', ARGV[3])
+  end
+end
+return redis.call('HLEN', KEYS[1])
+"""
+
+ASSERT = """
+-- KEYS: names, index.  ARGV: prefix, node, then (key, value) pairs.
+-- Puts back this node's members that are missing; returns their keys.
+local missing = {}
+for i = 3, #ARGV, 2 do
+  if redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) == 1 then
+    redis.call('ZADD', KEYS[2], 0, ARGV[i])
+    missing[#missing + 1] = ARGV[i]
+  end
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
+    redis.call('SADD', ARGV[1] .. 'node:' .. ARGV[2] .. ':members', ARGV[i])
+  end
+end
+return missing
+"""
+
+REAP = """
+-- KEYS: epoch, seq, stream, nodes, names, index.
+-- ARGV: epoch, retain, prefix, ts, announce_limit, reason, node ('' = every
+-- node whose alive key is gone).  Returns how many members left.
+""" + PUBLISH_ONE + """
+local gone = 0
+local nodes = redis.call('SMEMBERS', KEYS[4])
+if ARGV[7] ~= '' then nodes = {ARGV[7]} end
+local live = redis.call('GET', KEYS[1]) == ARGV[1]
+for _, node in ipairs(nodes) do
+  local base = ARGV[3] .. 'node:' .. node
+  if ARGV[7] ~= '' or redis.call('EXISTS', base .. ':alive') == 0 then
+    for _, key in ipairs(redis.call('SMEMBERS', base .. ':members')) do
+      local v = redis.call('HGET', KEYS[5], key)
+      if v then
+""" + _SPLIT + """
+        if n == node then
+          redis.call('HDEL', KEYS[5], key)
+          redis.call('ZREM', KEYS[6], key)
+          gone = gone + 1
+          if live and redis.call('HLEN', KEYS[5]) < tonumber(ARGV[5]) then
+            publish('{"type":"leave","member":' .. label .. ',"reason":"' .. ARGV[6]
+                    .. '","ts":' .. ARGV[4] .. ',"seq":', '}')
+          end
+        end
+      end
+    end
+    redis.call('DEL', base .. ':members', base .. ':inbox', base .. ':alive')
+    redis.call('SREM', KEYS[4], node)
+  end
+end
+return gone
+"""
+
+WHO = """
+-- KEYS: names, index.  ARGV: min, max, count.  Returns {HLEN, key, value, ...}.
+local out = {redis.call('HLEN', KEYS[1])}
+for _, key in ipairs(redis.call('ZRANGEBYLEX', KEYS[2], ARGV[1], ARGV[2], 'LIMIT', 0,
+                                ARGV[3])) do
+  out[#out + 1] = key
+  out[#out + 1] = redis.call('HGET', KEYS[1], key) or ''
+end
+return out
+"""
+
+
+def _label(value: bytes) -> str:
+    return json.loads(value.split(b"\n", 2)[2])
+
+
+class RedisPresence(Presence):
+    """The room's members on every node, kept in Redis next to ``roomlog``."""
+
+    distributed = True
+
+    def __init__(self, roomlog: RedisLog) -> None:
+        self.log = roomlog
+        self.node = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self._count = 0
+        self._next_beat = 0.0
+        self._next_reap = 0.0
+        self._scripts = {name: Script(src) for name, src in
+                         (("claim", CLAIM), ("release", RELEASE), ("assert", ASSERT),
+                          ("reap", REAP), ("who", WHO))}
+        roomlog.extra_streams[self.key("inbox")] = ["0-0", self._on_inbox]
+        roomlog.up_hooks.append(self._on_up)
+        roomlog.tick_hooks.append(self.tick)
+        roomlog.close_hooks.append(self.close)
+        self._first_up = True
+
+    def key(self, name: str) -> str:
+        """This node's key ``name`` (alive, members, inbox)."""
+        return self.log.key(f"node:{self.node}:{name}")
+
+    def _run(self, name: str, keys: list[str], args: list[Any],
+             callback: Callable[[Any], None] | None = None) -> None:
+        self._scripts[name].run(self.log.cmd, [self.log.key(k) for k in keys], args,
+                                callback or _log_error)
+
+    def count(self) -> int:
+        return max(self._count, len(self.room.members))
+
+    # --- registration, heartbeat, reaping ------------------------------------
+
+    def _on_up(self) -> None:
+        cmd = self.log.cmd
+        cmd.command("SET", self.key("alive"), "1", "PX", NODE_TTL_MS)
+        cmd.command("SADD", self.log.key("nodes"), self.node)
+        grace = 0.0 if self._first_up else REAP_GRACE
+        self._first_up = False
+        self._next_reap = time.monotonic() + max(grace, REAP_EVERY)
+        pairs: list[str] = []
+        for key, client in self.room.members.items():
+            pairs += [key, self._value(client.label, client.resume)]
+        if pairs:
+            self._run("assert", ["names", "index"], [self.log.prefix, self.node, *pairs],
+                      self._reasserted)
+
+    def _reasserted(self, missing: Any) -> None:
+        if isinstance(missing, Exception):
+            return _log_error(missing)
+        for key in missing:
+            client = self.room.members.get(key.decode())
+            if client is not None and not self.room.large:
+                log.info("%s was taken out while Redis was away; announcing it again",
+                         client.label)
+                self.room._stage({"type": "join", "member": client.label, "ts": now_ms()}, None)
+
+    def tick(self, now: float) -> None:
+        """Renew the alive key, refresh the member count, reap dead nodes."""
+        if not self.log.cmd.up or now < self._next_beat:
+            return
+        self._next_beat = now + HEARTBEAT
+        self.log.cmd.command("SET", self.key("alive"), "1", "PX", NODE_TTL_MS)
+        self.log.cmd.command("HLEN", self.log.key("names"), callback=self._set_count)
+        if now >= self._next_reap:
+            self._next_reap = now + REAP_EVERY
+            self._reap("hung_up", "")
+
+    def _reap(self, reason: str, node: str) -> None:
+        self._run("reap", ["epoch", "seq", "stream", "nodes", "names", "index"],
+                  self._reap_args(reason, node), self._reaped)
+
+    def _reap_args(self, reason: str, node: str) -> list[Any]:
+        return [self.log.epoch, self.log.retain, self.log.prefix, now_ms(),
+                self.room.limits.announce_limit, reason, node]
+
+    def _reaped(self, gone: Any) -> None:
+        if isinstance(gone, Exception):
+            return _log_error(gone)
+        if gone:
+            log.info("took %d members of stopped nodes out of the room", gone)
+
+    def _set_count(self, count: Any) -> None:
+        if isinstance(count, int):
+            self._count = count
+
+    def close(self) -> None:
+        """Leave the room at shutdown: this node's members leave on the
+        other nodes at once (reason ``hung_up``), not after the TTL."""
+        keys = [self.log.key(k) for k in ("epoch", "seq", "stream", "nodes", "names", "index")]
+        reap = self._scripts["reap"]
+        try:
+            resp.call(self.log.address, ("EVAL", reap.source, len(keys), *keys,
+                                         *self._reap_args("hung_up", self.node)), timeout=2.0)
+        except OSError as exc:
+            log.warning("could not take this node's members out of Redis: %s", exc)
+
+    # --- names -------------------------------------------------------------------------
+
+    def _value(self, label: str, token: str) -> str:
+        return f"{self.node}\n{token}\n{json.dumps(label, ensure_ascii=False)}"
+
+    def claim(self, client, key, label, token, resume, done) -> None:
+        def reply(result: Any) -> None:
+            if isinstance(result, Exception):
+                log.warning("claim of %r failed: %s", key, result)
+                return done(Claim(error="room_unavailable"))
+            if result[0] == 0:
+                return done(Claim(error="name_taken"))
+            self._count = result[1]
+            node, old_token, old_label = (x.decode() for x in result[2:5])
+            replaced = None
+            if node and node != self.node:
+                replaced = json.loads(old_label)
+                # The stale connection is on another node: tell it to let go.
+                self.log.cmd.command("XADD", self.log.key(f"node:{node}:inbox"), "MAXLEN",
+                                     "~", INBOX_RETAIN, "*", "t", key, "drop", old_token)
+            labels = None
+            if len(result) > 5:
+                pairs = sorted(zip(result[5::2], result[6::2]))
+                labels = [_label(value) for _, value in pairs]
+            done(Claim(count=result[1], labels=labels, replaced=replaced))
+
+        self._run("claim", ["names", "index"],
+                  [self.log.prefix, self.node, key, self._value(label, token), resume or "",
+                   self.room.limits.announce_limit], reply)
+
+    def release(self, client) -> None:
+        self._count = max(0, self._count - 1)
+        self._run("release", ["names", "index"],
+                  [self.log.prefix, self.node, client.name.casefold(), client.resume],
+                  self._set_count)
+
+    # --- who and private ----------------------------------------------------------------
+
+    def who(self, client, message: dict) -> None:
+        """Answer ``who`` from Redis (every node's members)."""
+        room = self.room
+        limit, prefix, cursor = message.get("limit"), message.get("prefix"), message.get("cursor")
+        full = limit is None and prefix is None and cursor is None and not room.large
+        if not full:
+            limit = WHO_PAGE if limit is None else limit
+            if not 1 <= limit <= WHO_PAGE_MAX:
+                raise protocol.MessageError("bad_message", f"who: limit is 1 to {WHO_PAGE_MAX}")
+        prefix = (prefix or "").casefold().encode()
+        low = b"[" + prefix if prefix else b"-"
+        if cursor is not None and cursor.encode() >= prefix:
+            low = b"(" + cursor.encode()
+        high = b"[" + prefix + b"\xff" if prefix else b"+"
+        count = room.limits.announce_limit + 1 if full else limit + 1
+
+        def reply(result: Any) -> None:
+            client.waiting = False
+            if client.closed:
+                return
+            if isinstance(result, Exception):
+                return self._unavailable(client)
+            self._count = result[0]
+            keys = [k.decode() for k in result[1::2]]
+            labels = [_label(v) for v in result[2::2] if v]
+            if full:
+                return room._send_chunks(client, room._member_chunks(labels))
+            page = room._member_chunks(labels[:limit])[0]
+            more = len(labels) > len(page)
+            answer = {"type": "members", "members": page, "more": more, "count": result[0]}
+            if more and page:
+                answer["cursor"] = keys[len(page) - 1]
+            room.out.send(client, room._encode(answer), reply=True)
+
+        client.waiting = True
+        self._run("who", ["names", "index"], [low, high, count], reply)
+
+    def private(self, client, message: dict) -> None:
+        """Send a private message to a member on another node."""
+        room, to = self.room, message["to"]
+        name = to.split("@", 1)[0]
+
+        def found(value: Any) -> None:
+            client.waiting = False
+            if client.closed:
+                return
+            if isinstance(value, Exception):
+                return self._unavailable(client)
+            label = _label(value) if value else None
+            node = value.split(b"\n", 1)[0].decode() if value else None
+            if label is None or node == self.node or (to != name and to != label):
+                return room.out.send(client, room._encode(
+                    {"type": "error", "code": "no_such_member",
+                     "message": f"no one called {to!r}"}), reply=True)
+            frame = room._encode({"type": "private", "from": client.label, "to": label,
+                                  "text": message["text"], "ts": now_ms()})
+            self.log.cmd.command("XADD", self.log.key(f"node:{node}:inbox"), "MAXLEN", "~",
+                                 INBOX_RETAIN, "*", "t", name.casefold(), "f", frame,
+                                 callback=_log_error)
+            room.out.send(client, frame, reply=True)
+
+        client.waiting = True
+        self.log.cmd.command("HGET", self.log.key("names"), name.casefold(), callback=found)
+
+    def _on_inbox(self, fields: list[bytes]) -> None:
+        entry = dict(zip(fields[::2], fields[1::2]))
+        client = self.room.members.get(entry.get(b"t", b"").decode())
+        if client is None:
+            return
+        if b"f" in entry:
+            self.room.out.send(client, entry[b"f"])
+        elif b"drop" in entry and client.resume == entry[b"drop"].decode():
+            self.room.replaced_elsewhere(client)
+
+    def _unavailable(self, client) -> None:
+        self.room.out.send(client, self.room._encode(
+            {"type": "error", "code": "room_unavailable",
+             "message": "the room cannot answer that right now; try again later"}), reply=True)
+
+
+def _log_error(reply: Any) -> None:
+    if isinstance(reply, Exception) and not isinstance(reply, ConnectionError):
+        log.error("redis: %s", reply)
