@@ -21,7 +21,7 @@ import pytest
 from conftest import Program, client_argv
 
 from tcpserver import display, protocol
-from tcpserver.client import foreign_greeting
+from tcpserver.client_conn import foreign_greeting
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIME = r"\[\d\d:\d\d:\d\d\]"
