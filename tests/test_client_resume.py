@@ -12,6 +12,7 @@ import select
 import signal
 import socket
 import threading
+import time
 
 import pexpect
 import pytest
@@ -337,6 +338,29 @@ def test_terminal_comes_back_with_the_gap_filled_and_the_prompt_intact(server, p
         assert term.child.exitstatus == 0
     finally:
         term.close()
+
+
+def test_a_name_taken_by_someone_else_while_away_ends_the_client(server, proxy, piped,
+                                                                   connect):
+    link = proxy(server.port)
+    bob = piped(link.port, "bob")
+    bob.expect(rf"^{TIME} \* bob@127.0.0.1 joined$")
+    link.held = True
+    link.cut()
+    bob.expect(RECONNECTING, key="err")
+    impostor = connect()
+    for _ in range(100):  # until the server has seen bob hang up
+        impostor.send({"type": "hello", "name": "BOB"})
+        reply, _ = impostor.recv_until(lambda m: m["type"] in ("welcome", "error"))
+        if reply["type"] == "welcome":
+            break
+        assert reply["code"] == "name_taken", reply
+        time.sleep(0.05)
+    assert reply["type"] == "welcome"
+    link.held = False
+    assert bob.wait() == 2
+    assert bob.text("err").splitlines()[-1] == (
+        "! cannot rejoin as 'bob': the name 'bob' is taken (name_taken)")
 
 
 # --- /history --------------------------------------------------------------------
