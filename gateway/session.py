@@ -207,7 +207,9 @@ class Session:
             return
         # Without copying the read: look in it, and across its seam with the last.
         seam = self._tail + data[:_TAG_OVERLAP]
-        look = self._carry or any(tag in data or tag in seam for tag in _FAREWELL_TAGS)
+        shutdown, error = _FAREWELL_TAGS
+        look = (self._carry or shutdown in data or error in data
+                or shutdown in seam or error in seam)
         self._tail = data[-_TAG_OVERLAP:] if len(data) >= _TAG_OVERLAP else seam[-_TAG_OVERLAP:]
         decoder = self._decoder
         payloads: list[bytes] = []
