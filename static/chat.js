@@ -26,6 +26,10 @@
   var OLDER_PAGE = 50;
   // Within this many pixels of the top, scrolling loads the older page.
   var OLDER_SCROLL_PX = 40;
+  // A large room's "To" menu lists the members picked or heard from lately.
+  var MAX_RECENTS = 20;
+  // Typing in the member search waits this long for a pause (ms).
+  var SEARCH_PAUSE_MS = 200;
   var NAME_RE = /^[A-Za-z0-9._-]{1,32}$/;
   // The server's rule for message text (check_text in tcpserver/protocol.py):
   // refused when every character is White_Space, a format character (Cf), a
@@ -101,6 +105,9 @@
     membersStale: $("members-stale"),
     memberList: $("member-list"),
     memberMore: $("member-more"),
+    memberFinder: $("member-finder"),
+    memberSearch: $("member-search"),
+    memberPager: $("member-pager"),
     memberCount: $("member-count")
   };
 
@@ -121,10 +128,16 @@
     pending: new Map(),  // seq -> event held back until the gap before it fills
     pinned: true,        // the transcript is scrolled to its end: keep it there
     lostCode: null,      // close code of the socket whose loss began this reconnect
-    replaying: false,    // between a welcome and our own join: replayed events arrive
+    replaying: false,    // between a welcome and the end of its replay
+    replayUntil: 0,      // the welcome's last_seq: its replay ends there
     oldestSeq: null,     // lowest seq shown from the current transcript (epoch)
     olderDone: false,    // the beginning of the room is shown
     older: null,         // {before, remaining, more, events, timer} while a page is due
+    large: false,        // over the server's announce limit: paged member panel
+    largeCount: 0,       // the room's member count, from welcome/presence/members
+    whoQueue: [],        // the members replies due, in order: {kind: "full"|"page"}
+    recents: [],         // labels picked or heard from privately, newest first
+    searchTimer: 0,
     attempt: 0,
     reconnectTimer: 0,
     helloTimer: 0,
@@ -427,6 +440,10 @@
   function renderPrivate(ev) {
     var fromMe = ev.from === state.label;
     var toMe = ev.to === state.label;
+    remember(fromMe ? ev.to : ev.from);
+    if (state.large) {
+      renderRecipients();
+    }
     var item = entry("private" + (fromMe ? " mine" : ""), ev.ts);
     var head = span("private-tag", "");
     head.appendChild(document.createTextNode("private "));
@@ -452,6 +469,9 @@
   function roomEvent(ev) {
     if (typeof ev.seq !== "number") {
       return;
+    }
+    if (state.replaying && ev.seq >= state.replayUntil) {
+      endReplay();  // the welcome's replay ends at its last_seq
     }
     var older = state.older;
     if (older && older.remaining > 0 && ev.seq < older.before) {
@@ -481,6 +501,11 @@
     }
   }
 
+  function endReplay() {
+    state.replaying = false;
+    el.transcript.setAttribute("aria-busy", "false");
+  }
+
   function render(ev) {
     state.lastSeq = ev.seq;
     state.pending.delete(ev.seq);
@@ -491,7 +516,7 @@
         setMarker("start");
       }
     }
-    if (ev.seq > state.memberBase) {
+    if (ev.seq > state.memberBase && !state.large) {
       if (ev.type === "join") {
         addMember(ev.member);
       } else if (ev.type === "leave") {
@@ -500,8 +525,7 @@
     }
     append(eventItem(ev));
     if (ev.type === "join" && ev.member === state.label) {
-      state.replaying = false;
-      el.transcript.setAttribute("aria-busy", "false");
+      endReplay();
     }
   }
 
@@ -643,6 +667,30 @@
     });
   }
 
+  // One member, as a button that picks them for a private message (or a
+  // plain span for ourselves).  Shared by the list and the large-room pager.
+  function memberBody(label) {
+    var body;
+    if (label === state.label) {
+      body = document.createElement("span");
+      body.className = "member-body";
+    } else {
+      body = document.createElement("button");
+      body.type = "button";
+      body.className = "member-body";
+      body.dataset.label = label;
+      body.setAttribute("aria-label", "Message " + nameOf(label) + " privately");
+      body.addEventListener("click", function () { chooseRecipient(label); });
+    }
+    body.appendChild(span("member-name", nameOf(label)));
+    if (label === state.label) {
+      body.appendChild(span("you-badge", "you"));
+    }
+    body.appendChild(span("member-addr", "@" + addressOf(label)));
+    body.title = label;
+    return body;
+  }
+
   function renderMembers() {
     var labels = sortedMembers();
     var list = el.memberList;
@@ -653,36 +701,138 @@
       var item = document.createElement("li");
       item.className = "member" + (label === state.label ? " mine" : "");
       item.dataset.label = label;
-      var body;
-      if (label === state.label) {
-        body = document.createElement("span");
-        body.className = "member-body";
-      } else {
-        body = document.createElement("button");
-        body.type = "button";
-        body.className = "member-body";
-        body.dataset.label = label;
-        body.setAttribute("aria-label", "Message " + nameOf(label) + " privately");
-        body.addEventListener("click", function () { chooseRecipient(label); });
-      }
-      body.appendChild(span("member-name", nameOf(label)));
-      if (label === state.label) {
-        body.appendChild(span("you-badge", "you"));
-      }
-      body.appendChild(span("member-addr", "@" + addressOf(label)));
-      body.title = label;
+      var body = memberBody(label);
       item.appendChild(body);
       list.appendChild(item);
       if (focused === label && body.focus) {
         body.focus();
       }
     });
-    el.memberCount.textContent = String(labels.length);
+    if (!state.large) {
+      el.memberCount.textContent = String(labels.length);
+    }
     updateMemberMore();
-    renderRecipients(labels);
+    renderRecipients();
   }
 
-  function renderRecipients(labels) {
+  // --- a large room: the count, a paged and searchable member panel --------
+
+  var pager = new window.MemberPager({
+    scroller: el.memberPager,
+    request: function (query) {
+      if (!state.joined) {
+        return false;
+      }
+      var who = { type: "who", limit: query.limit };
+      if (query.cursor !== undefined) {
+        who.cursor = query.cursor;
+      }
+      if (query.prefix !== undefined) {
+        who.prefix = query.prefix;
+      }
+      if (!send(who)) {
+        return false;
+      }
+      state.whoQueue.push({ kind: "page", generation: query.generation });
+      return true;
+    },
+    render: memberBody,
+    empty: function (prefix) {
+      return prefix ? "No one\u2019s name starts with \u201c" + prefix + "\u201d." : "No one is here.";
+    }
+  });
+
+  function setLargeCount(count) {
+    if (typeof count === "number") {
+      state.largeCount = count;
+      if (state.large) {
+        el.memberCount.textContent = String(count);
+      }
+    }
+  }
+
+  // Switch the panel between the whole list (small rooms, exactly as
+  // before) and the pager.  Joins and leaves are not broadcast in a large
+  // room, so the whole list is dropped rather than left to go stale.
+  function showLarge(large) {
+    state.large = large;
+    el.members.dataset.large = large ? "true" : "false";
+    el.memberFinder.hidden = !large;
+    el.memberList.hidden = large;
+    if (large) {
+      el.memberMore.hidden = true;
+      state.members = new Map();
+      state.memberChunks = null;
+      el.memberList.textContent = "";
+      el.memberCount.textContent = String(state.largeCount);
+      pager.reset(el.memberSearch.value.trim());
+      renderRecipients();
+    }
+  }
+
+  // A `members` frame: a page for the pager, or part of a whole list.
+  function onMembers(msg) {
+    var head = state.whoQueue[0];
+    if (head && head.kind === "page") {
+      state.whoQueue.shift();
+      setLargeCount(msg.count);
+      pager.onPage(msg, head.generation);
+      return;
+    }
+    if (typeof msg.cursor === "string") {
+      // A page where a whole list was asked for: the room turned large
+      // meanwhile, and its presence frame will say so.
+      state.whoQueue.shift();
+      state.memberChunks = null;
+      return;
+    }
+    if (!msg.more && head) {
+      state.whoQueue.shift();
+    }
+    if (!state.large) {
+      collectMembers(msg.members, msg.more);
+    }
+  }
+
+  function onPresence(msg) {
+    setLargeCount(msg.count);
+    var large = msg.large !== false;
+    if (large && !state.large) {
+      showLarge(true);
+    } else if (!large && state.large) {
+      // Small again: joins and leaves are announced from here on, and a
+      // whole list replaces whatever the pager had.
+      showLarge(false);
+      askWholeList();
+    }
+  }
+
+  function askWholeList() {
+    if (send({ type: "who" })) {
+      state.whoQueue.push({ kind: "full" });
+    }
+  }
+
+  function onSearchInput() {
+    window.clearTimeout(state.searchTimer);
+    state.searchTimer = window.setTimeout(function () {
+      if (state.large) {
+        pager.reset(el.memberSearch.value.trim());
+      }
+    }, SEARCH_PAUSE_MS);
+  }
+
+  // Someone picked or heard from: kept for a large room's "To" menu.
+  function remember(label) {
+    if (!label || label === state.label) {
+      return;
+    }
+    state.recents = [label].concat(state.recents.filter(function (l) { return l !== label; }))
+      .slice(0, MAX_RECENTS);
+  }
+
+  function renderRecipients() {
+    var labels = state.large ? state.recents : sortedMembers();
     var select = el.composeTo;
     var chosen = select.value;
     select.textContent = "";
@@ -698,7 +848,7 @@
         select.appendChild(option);
       }
     });
-    if (chosen && !state.members.has(chosen)) {
+    if (chosen && (state.large ? labels.indexOf(chosen) < 0 : !state.members.has(chosen))) {
       // Never fall back to Everyone behind the user's back: a private
       // message must not go to the whole room because its reader left.
       var gone = document.createElement("option");
@@ -717,6 +867,10 @@
   }
 
   function chooseRecipient(label) {
+    remember(label);
+    if (state.large) {
+      renderRecipients();
+    }
     el.composeTo.value = label;
     updatePlaceholder();
     el.composeText.focus();
@@ -922,7 +1076,8 @@
   function handle(msg) {
     switch (msg.type) {
       case "welcome": onWelcome(msg); break;
-      case "members": collectMembers(msg.members, msg.more); break;
+      case "members": onMembers(msg); break;
+      case "presence": onPresence(msg); break;
       case "message":
       case "join":
       case "leave": roomEvent(msg); break;
@@ -963,10 +1118,26 @@
     if (resuming && restarted) {
       newTranscript("The chat server restarted; a new transcript starts here.");
     }
-    state.replaying = true;
+    // The replay ends at last_seq (our own join follows it, except in a
+    // large room, where joins are not broadcast).
+    state.replaying = msg.history > 0;
+    state.replayUntil = msg.last_seq;
     state.memberBase = msg.last_seq;
     state.memberChunks = null;
-    collectMembers(msg.members, msg.more);
+    state.whoQueue = [];
+    state.largeCount = typeof msg.count === "number" ? msg.count : 0;
+    if (msg.large === true) {
+      showLarge(true);
+      setMembersStale(false);
+    } else {
+      if (state.large) {
+        showLarge(false);
+      }
+      if (msg.more) {
+        state.whoQueue.push({ kind: "full" });  // the rest of the list follows
+      }
+      collectMembers(msg.members, msg.more);
+    }
     if (msg.history > 0) {
       el.transcript.setAttribute("aria-busy", "true");
     }
@@ -1088,6 +1259,12 @@
     state.replaying = false;
     dropOlder();
     setMarker("idle");
+    state.recents = [];
+    state.whoQueue = [];
+    state.largeCount = 0;
+    if (state.large) {
+      showLarge(false);
+    }
     setMembers([]);
     setMembersStale(false);
   }
@@ -1137,6 +1314,20 @@
     }
     if (message.type === "quit") {
       leave();
+      return;
+    }
+    if (message.type === "who") {
+      if (!state.joined) {
+        setComposeError("Not connected.");
+        return;
+      }
+      if (state.large) {
+        pager.reset(el.memberSearch.value.trim());
+      } else {
+        askWholeList();
+      }
+      setComposeError("");
+      el.composeText.value = "";
       return;
     }
     if (!state.joined || !send(message)) {
@@ -1207,6 +1398,7 @@
   el.composeTo.addEventListener("change", updatePlaceholder);
   el.leaveButton.addEventListener("click", leave);
   el.memberMore.addEventListener("click", onMemberMore);
+  el.memberSearch.addEventListener("input", onSearchInput);
   el.memberList.addEventListener("scroll", updateMemberMore, { passive: true });
   el.transcript.addEventListener("scroll", function () {
     state.pinned = nearBottom();
