@@ -84,6 +84,19 @@ return seq
 """
 
 
+ADOPT = """
+-- KEYS: epoch, seq, stream, names, index.  ARGV: the epoch lost, a new one.
+-- The first node to notice starts the new transcript; the others adopt it.
+local cur = redis.call('GET', KEYS[1])
+if cur == false or cur == ARGV[1] then
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+  redis.call('SET', KEYS[1], ARGV[2])
+  return ARGV[2]
+end
+return cur
+"""
+
+
 class Script:
     """A Lua script run by ``EVALSHA``, falling back to ``EVAL`` (which
     also caches it) when Redis answers NOSCRIPT, e.g. after a restart."""
@@ -117,6 +130,7 @@ class RedisLog(RoomLog):
         self.prefix = f"chatroom:{{{room}}}:"
         self.retain = retain
         self._publish = Script(PUBLISH)
+        self._adopt_script = Script(ADOPT)
         self._delivered: list[bytes] = []
         self._failed: list[object] = []
         self._reset = False
@@ -170,19 +184,31 @@ class RedisLog(RoomLog):
 
     def _cmd_up(self) -> None:
         self.cmd.command("SCRIPT", "LOAD", PUBLISH)
-        self.cmd.command("GET", self.key("epoch"), callback=self._check_epoch)
+        self.cmd.command("MGET", self.key("epoch"), self.key("seq"), callback=self._check_epoch)
+
+    def _run_up_hooks(self) -> None:
         for hook in self.up_hooks:
             hook()
+
+    @property
+    def resetting(self) -> bool:
+        """A new epoch began and the server has not closed its members yet."""
+        return self._reset
 
     def _down(self, reason: str) -> None:
         log.warning("room log: Redis unreachable (%s); messages are refused until it is back",
                     reason)
 
-    def _check_epoch(self, epoch: Any) -> None:
-        if isinstance(epoch, Exception):
-            return
-        if epoch is None or epoch.decode() != self.epoch:
+    def _check_epoch(self, reply: Any) -> None:
+        if isinstance(reply, Exception):
+            return  # the connection broke again; the next one checks
+        epoch, seq = reply
+        # A seq behind what we delivered: Redis came back with old data
+        # (e.g. a lost AOF tail), so its numbers would be given twice.
+        if epoch is None or epoch.decode() != self.epoch or int(seq or 0) < self._last_seq:
             self._lose_epoch()
+        else:
+            self._run_up_hooks()
 
     def _lose_epoch(self) -> None:
         """Redis no longer holds our transcript: adopt the room's new epoch."""
@@ -191,9 +217,9 @@ class RedisLog(RoomLog):
         self._epoch_lost = True
         log.error("room log: epoch %s is gone from Redis (its data was lost); "
                   "starting a new transcript", self.epoch)
-        epoch_key = self.key("epoch")
-        self.cmd.command("SET", epoch_key, new_epoch(), "NX")
-        self.cmd.command("GET", epoch_key, callback=self._adopt)
+        self._adopt_script.run(self.cmd, [self.key(k) for k in
+                                          ("epoch", "seq", "stream", "names", "index")],
+                               [self.epoch, new_epoch()], self._adopt)
 
     def _adopt(self, epoch: Any) -> None:
         self._epoch_lost = False
@@ -211,6 +237,7 @@ class RedisLog(RoomLog):
         # restart it from the beginning of the new one.
         if self.reader.up:
             self.reader.reconnect_now("new epoch")
+        self._run_up_hooks()
 
     # --- writing ---------------------------------------------------------------
 

@@ -195,7 +195,8 @@ class RedisPresence(Presence):
         self._first_up = False
         self._next_reap = time.monotonic() + max(grace, REAP_EVERY)
         pairs: list[str] = []
-        for key, client in self.room.members.items():
+        # After a new epoch the members are about to be closed: not theirs.
+        for key, client in ([] if self.log.resetting else self.room.members.items()):
             pairs += [key, self._value(client.label, client.resume)]
         if pairs:
             self._run("assert", ["names", "index"], [self.log.prefix, self.node, *pairs],

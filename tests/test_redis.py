@@ -150,3 +150,92 @@ def test_members_of_a_killed_node_leave_once_within_15_s(start_redis, node, open
         assert not [m for m in before if m["type"] == "leave"]
     # Their names are free again.
     open_client(nodes[0].port, "victim0")
+
+
+def say_and_wait(member, text: str, timeout: float = 10.0) -> str:
+    """Say ``text``; return "echoed" or the error code that answered it."""
+    member.send({"type": "say", "text": text})
+    reply, _ = member.recv_until(
+        lambda m: (m["type"] == "message" and m["text"] == text and m["from"] == member.label)
+        or m["type"] == "error", timeout)
+    return "echoed" if reply["type"] == "message" else reply["code"]
+
+
+def degraded(member, timeout: float = 20.0, want: bool = True,
+             seen: list | None = None) -> str | None:
+    """Ping until the pong's ``degraded`` is present (``want``) or absent;
+    messages read meanwhile go to ``seen``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        member.send({"type": "ping", "token": "health"})
+        pong, before = member.recv_until(lambda m: m.get("token") == "health")
+        if seen is not None:
+            seen.extend(before)
+        if bool(pong.get("degraded")) == want:
+            return pong.get("degraded")
+        assert time.monotonic() < deadline, f"degraded never became {want}"
+        time.sleep(0.1)
+
+
+def test_redis_restart_with_persistence_loses_nothing_and_leaves_no_gap(
+        start_redis, node, open_client):
+    redis = start_redis(persist=True)
+    a, b = node(redis), node(redis)
+    alice = open_client(a.port, "alice")
+    bob = open_client(b.port, "bob")
+    epoch = open_client(b.port).join("carol")["epoch"]
+    outcome = {}
+    for i in range(10):
+        outcome[f"m{i}"] = say_and_wait(alice, f"m{i}")
+    redis.kill()
+    assert degraded(alice).startswith("redis: ")
+    for i in range(10, 15):
+        outcome[f"m{i}"] = say_and_wait(alice, f"m{i}")
+    redis.start()
+    degraded(alice, want=False)
+    bob_seen: list[dict] = []
+    degraded(bob, want=False, seen=bob_seen)
+    for i in range(15, 25):
+        outcome[f"m{i}"] = say_and_wait(alice, f"m{i}", timeout=20)
+    assert [outcome[f"m{i}"] for i in range(25)] == \
+        ["echoed"] * 10 + ["room_unavailable"] * 5 + ["echoed"] * 10
+    # Bob, on the other node, saw every echoed message once, with no gap.
+    events = [m for m in bob_seen if "seq" in m]
+    events += room_events(bob, lambda ev: any(e.get("text") == "m24" for e in events + ev),
+                          timeout=20)
+    said = [e["text"] for e in events if e["type"] == "message"]
+    assert said == [f"m{i}" for i in range(10)] + [f"m{i}" for i in range(15, 25)]
+    seqs = [e["seq"] for e in events]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+    # The room's history (from Redis, on either node) holds the same events;
+    # the epoch did not change.
+    dave = open_client(a.port)
+    assert dave.join("dave")["epoch"] == epoch
+    dave.send({"type": "history", "after": seqs[0] - 1})
+    reply = dave.recv_type("history")
+    replayed = [dave.recv() for _ in range(reply["count"])]
+    assert [(e["seq"], e.get("text")) for e in replayed][:len(events)] == \
+        [(e["seq"], e.get("text")) for e in events]
+
+
+def test_redis_restarted_empty_starts_a_new_epoch_and_clients_are_told(
+        start_redis, node, open_client):
+    redis = start_redis()
+    a, b = node(redis), node(redis)
+    alice = open_client(a.port)
+    old = alice.join("alice")["epoch"]
+    bob = open_client(b.port, "bob")
+    alice.send({"type": "say", "text": "before"})
+    bob.recv_until(lambda m: m.get("text") == "before")
+    redis.restart(wipe=True)
+    for member in (alice, bob):
+        notice, _ = member.recv_until(lambda m: m["type"] == "shutdown", timeout=20)
+        assert "new transcript" in notice["message"]
+        assert member.closed_by_server()
+    alice, bob = open_client(a.port), open_client(b.port)
+    welcome = alice.join("alice")
+    assert welcome["epoch"] != old
+    assert bob.join("bob")["epoch"] == welcome["epoch"]
+    alice.send({"type": "say", "text": "after"})
+    message, _ = bob.recv_until(lambda m: m.get("text") == "after")
+    assert message["seq"] <= 3  # numbering starts again: alice's join, bob's, this
