@@ -8,13 +8,16 @@
  *         hold        seat MEMBERS, print "seated", stay silent (answering
  *                     pings) until stdin closes or TIMEOUT
  *         restart     seat MEMBERS, print "seated", publish until the server
- *                     drops everyone; reconnect with jittered backoff,
- *                     rejoin, fill the gap with history; time until all back
+ *                     drops everyone; reconnect with the terminal client's
+ *                     backoff, rejoin, fill the gap with history after the
+ *                     last seq seen (and history before for what that reply
+ *                     reports missed); time until all are back
  *   PROTO chat        the chat server's framed JSON (tcpserver/PROTOCOL.md)
  *         redis       RESP: members SUBSCRIBE, separate connections PUBLISH
  *   keys  publishers=100 bytes=100 seconds=10 window=1 timeout=120 sync=0
  *         drain=10 (seconds to wait, after publishing, for what was sent)
  *         count=0 (throughput: stop once this many were published; 0: no limit)
+ *         backoff=0.5 (restart: first reconnect delay, doubling to 15 s, +-20%)
  *         (sync=1: after "seated", wait for a line on stdin before
  *         publishing, so the runner can sample the server's memory)
  *
@@ -46,9 +49,10 @@ enum { S_WAIT, S_CONNECTING, S_JOINING, S_JOINED, S_GONE };
 enum { R_LIVE, R_WELCOME, R_HISTORY, R_FRAMES, R_BACK };
 
 typedef struct {
-    int fd, state, phase, inflight, probe, backoff_ms, new_epoch;
-    double retry_at;
-    long long last_seq, resume_from, hist_left, hist_next, live_max;
+    int fd, state, phase, inflight, probe, new_epoch, paging;
+    double retry_at, backoff;
+    long long last_seq, resume_from, hist_left, hist_next, live_max, top;
+    long long page_left, page_before; /* restart: missed events still to page in */
     char epoch[40];
     unsigned char *buf;
     size_t len, cap;
@@ -61,7 +65,9 @@ static int text_bytes = 100, window = 1, sync_start = 0;
 static long long max_published; /* throughput: stop publishing after this many */
 static double seconds = 10, timeout_s = 120, drain_s = 10;
 static long long published, delivered, counted, bytes_in, gaps, missed, dups;
-static long long disconnects, refused, joined, back, epoch_changed;
+static long long disconnects, refused, joined, back, epoch_changed, paged, unfilled;
+/* restart: the terminal client's reconnect backoff (tcpserver/client.py) */
+static double backoff_first = 0.5, backoff_max = 15, backoff_jitter = 0.2;
 static int publishing, dropped;     /* restart: has the server gone yet */
 static double t_dropped;
 
@@ -135,13 +141,16 @@ static void lost_conn(int idx) {
     if (strcmp(mode, "restart") == 0 && dropped) {
         if (idx < N && c->phase == R_LIVE) {
             c->phase = R_WELCOME;
+            c->paging = 0;
             c->resume_from = c->last_seq;
         } else if (idx < N && c->phase != R_BACK) {
-            c->phase = R_WELCOME;
+            c->phase = R_WELCOME; /* dropped again mid-rejoin: start over */
+            c->paging = 0;
         }
-        c->backoff_ms = c->backoff_ms ? (c->backoff_ms * 2 > 2000 ? 2000 : c->backoff_ms * 2) : 100;
-        /* full jitter, as clients do, so a restart is not met in lockstep */
-        c->retry_at = now() + (rand() % (c->backoff_ms + 1)) / 1000.0;
+        c->backoff = c->backoff ? (c->backoff * 2 > backoff_max ? backoff_max : c->backoff * 2)
+                                : backoff_first;
+        double jitter = 1 - backoff_jitter + 2 * backoff_jitter * rand() / (double)RAND_MAX;
+        c->retry_at = now() + c->backoff * jitter;
         c->state = S_WAIT;
     } else {
         c->state = S_GONE;
@@ -151,7 +160,7 @@ static void lost_conn(int idx) {
 
 static void joined_now(conn_t *c) {
     c->state = S_JOINED;
-    c->backoff_ms = 0;
+    c->backoff = 0;
     joined++;
 }
 
@@ -208,16 +217,31 @@ static void got_message(int idx, const unsigned char *text, size_t n) {
     else if (idx < P && c->inflight && sender_of(text, n) == idx) c->inflight--;
 }
 
+/* The history frames are in: page in what history-after skipped (oldest
+ * first is what a reply drops), or the member is back. */
+static void history_done(conn_t *c) {
+    if (c->page_left > 0) {
+        char req[128];
+        snprintf(req, sizeof req, "{\"type\":\"history\",\"before\":%lld,\"limit\":%lld}",
+                 c->page_before, c->page_left < 200 ? c->page_left : 200);
+        if (send_json(c->fd, req) == 0) {
+            c->paging = 1;
+            c->phase = R_HISTORY;
+            return;
+        }
+    }
+    c->phase = R_BACK;
+    c->last_seq = c->top > c->live_max ? c->top : c->live_max;
+    back++;
+}
+
 static void room_seq(conn_t *c, long long seq) {
     if (c->phase == R_FRAMES) {
         if (c->hist_next < 0) c->hist_next = seq;
         if (seq != c->hist_next) gaps += seq > c->hist_next ? seq - c->hist_next : 0;
         c->hist_next = seq + 1;
-        if (--c->hist_left == 0) {
-            c->phase = R_BACK;
-            c->last_seq = c->hist_next - 1 > c->live_max ? c->hist_next - 1 : c->live_max;
-            back++;
-        }
+        if (!c->paging && seq > c->top) c->top = seq;
+        if (--c->hist_left == 0) history_done(c);
     } else if (c->phase == R_WELCOME || c->phase == R_HISTORY) {
         if (seq > c->live_max) c->live_max = seq;
     } else if (seq <= c->last_seq) {
@@ -258,17 +282,29 @@ static void chat_frame(int idx, const unsigned char *p, size_t n) {
         }
         memcpy(c->epoch, epoch, sizeof epoch);
         joined_now(c);
+    } else if (is_type(p, n, "history") && c->phase == R_HISTORY && c->paging) {
+        c->hist_left = field_int(p, n, "\"count\":");
+        if (c->hist_left <= 0) { /* pruned meanwhile: cannot be filled */
+            unfilled += c->page_left;
+            c->page_left = 0;
+            return history_done(c);
+        }
+        c->hist_next = c->page_before - c->hist_left;
+        c->page_before -= c->hist_left;
+        c->page_left -= c->hist_left;
+        paged += c->hist_left;
+        c->phase = R_FRAMES;
     } else if (is_type(p, n, "history") && c->phase == R_HISTORY) {
         long long miss = field_int(p, n, "\"missed\":");
-        if (miss > 0 && !c->new_epoch) missed += miss;
+        if (miss < 0 || c->new_epoch) miss = 0;
+        missed += miss;
+        c->page_left = miss;
+        c->page_before = c->resume_from + 1 + miss;
+        c->top = c->resume_from;
         c->hist_left = field_int(p, n, "\"count\":");
-        c->hist_next = c->new_epoch ? -1 : c->resume_from + 1;
-        if (c->hist_left > 0) {
-            c->phase = R_FRAMES;
-        } else {
-            c->phase = R_BACK;
-            back++;
-        }
+        c->hist_next = c->new_epoch ? -1 : c->resume_from + 1 + miss;
+        if (c->hist_left > 0) c->phase = R_FRAMES;
+        else history_done(c);
     } else if (is_type(p, n, "ping")) {
         send_json(c->fd, "{\"type\":\"pong\"}");
     } else if (is_type(p, n, "shutdown") && !dropped && strcmp(mode, "restart") == 0) {
@@ -418,6 +454,7 @@ int main(int argc, char **argv) {
         else if (!strncmp(argv[i], "sync=", 5)) sync_start = atoi(v);
         else if (!strncmp(argv[i], "drain=", 6)) drain_s = atof(v);
         else if (!strncmp(argv[i], "count=", 6)) max_published = atoll(v);
+        else if (!strncmp(argv[i], "backoff=", 8)) backoff_first = atof(v);
     }
     if (P > N) P = N;
     if (strcmp(mode, "throughput") && strcmp(mode, "restart")) P = chat ? 0 : (P ? 1 : 0);
@@ -490,8 +527,8 @@ int main(int argc, char **argv) {
         joined = 0;
         while (back < N && now() < deadline) pump(0.05);
         printf("result mode=restart proto=%s members=%d back=%lld back_s=%.3f lost=%lld "
-               "missed=%lld epoch_changed=%lld refused=%lld\n", argv[2], N, back,
-               now() - t_dropped, gaps + missed, missed, epoch_changed, refused);
+               "missed=%lld paged=%lld epoch_changed=%lld refused=%lld\n", argv[2], N, back,
+               now() - t_dropped, gaps + unfilled, missed, paged, epoch_changed, refused);
         return back == N ? 0 : 1;
     }
 

@@ -32,6 +32,7 @@ machine.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -104,19 +105,32 @@ def seated_run(binary: Path, tmp: Path, proto: str, members: int, args: argparse
 def suite_throughput(binary: Path, tmp: Path, args: argparse.Namespace) -> str:
     rows = []
     for members in args.members or DEFAULT_MEMBERS["throughput"]:
+        rates: dict[str, list[float]] = {"chat": [], "redis": []}
         for _ in range(args.repeat):
             chat = seated_run(binary, tmp, "chat", members, args, db_args(args))
             redis = seated_run(binary, tmp, "redis", members, args)
-            ratio = float(chat["deliveries_per_s"]) / float(redis["deliveries_per_s"])
+            rates["chat"].append(float(chat["deliveries_per_s"]))
+            rates["redis"].append(float(redis["deliveries_per_s"]))
+            ratio = rates["chat"][-1] / rates["redis"][-1]
             for name, r in (("chat server", chat), ("redis pub/sub", redis)):
                 rows.append([members, name, f"{float(r['deliveries_per_s']) / 1e6:.2f} M",
                              f"{ratio:.2f}x" if r is chat else "",
                              f"{r['cpu_share']:.0%}", f"{r['kb_per_member']:.1f}",
                              f"{r['peak_mib']:.0f}", r["join_s"], r["lost"], r["evictions"]])
+        if args.repeat > 1:
+            rows.append(median_row(members, rates["chat"], rates["redis"], "x"))
     return table(f"Seated throughput: {args.publishers} publishers, {args.text_bytes}-byte "
                  f"messages, window {args.window}, {args.seconds:g} s each",
                  ["members", "server", "deliveries/s", "vs redis", "server CPU",
                   "KB/member", "peak RSS MiB", "seat s", "lost", "evictions"], rows)
+
+
+def median_row(members: int, ours: list[float], theirs: list[float], unit: str) -> list:
+    """A summary row: medians of alternating runs, and their ratio."""
+    a, b = statistics.median(ours), statistics.median(theirs)
+    ratio = f"{a / b:.2f}x" if unit == "x" else f"{a / b:.0%}"
+    return [members, f"median of {len(ours)}", f"{a / 1e6:.2f} M vs {b / 1e6:.2f} M", ratio,
+            *[""] * 6]
 
 
 def storm_run(binary: Path, tmp: Path, proto: str, members: int,
