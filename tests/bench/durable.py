@@ -89,17 +89,20 @@ def suite_restart(binary: Path, tmp: Path, args: argparse.Namespace) -> str:
                                      log_name=f"restart-{members}.log")
             result = gen.line("result")
             gen.close()
-            rows.append([members, args.signal, f"{result['back']}/{members}", result["back_s"],
-                         f"{restarted.ready_s:.2f}", f"{restarted.cpu():.1f}", result["lost"],
-                         result["missed"], result["epoch_changed"], evictions(restarted)])
+            rows.append([members, args.signal, f"{result['back']}/{members}",
+                         result["back_p50_s"], result["back_s"], f"{restarted.ready_s:.2f}",
+                         f"{restarted.cpu():.1f}", result["connects"], result["lost"],
+                         f"{result['missed']}/{result['paged']}", result["epoch_changed"],
+                         evictions(restarted)])
         finally:
             server.stop()
             if restarted:
                 restarted.stop()
     return table("Restart: all members back (reconnected, rejoined, gap filled) after the "
                  "server died mid-burst",
-                 ["members", "signal", "back", "all back s", "server start s",
-                  "server CPU s", "lost", "missed", "epoch changed", "evictions"], rows)
+                 ["members", "signal", "back", "half back s", "all back s", "server start s",
+                  "server CPU s", "reconnects", "lost", "missed/paged back",
+                  "epoch changed", "evictions"], rows)
 
 
 def suite_durable(binary: Path, tmp: Path, args: argparse.Namespace) -> str:

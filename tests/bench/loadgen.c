@@ -50,7 +50,7 @@ enum { R_LIVE, R_WELCOME, R_HISTORY, R_FRAMES, R_BACK };
 
 typedef struct {
     int fd, state, phase, inflight, probe, new_epoch, paging;
-    double retry_at, backoff;
+    double retry_at, backoff, back_at;
     long long last_seq, resume_from, hist_left, hist_next, live_max, top;
     long long page_left, page_before; /* restart: missed events still to page in */
     char epoch[40];
@@ -65,7 +65,7 @@ static int text_bytes = 100, window = 1, sync_start = 0;
 static long long max_published; /* throughput: stop publishing after this many */
 static double seconds = 10, timeout_s = 120, drain_s = 10;
 static long long published, delivered, counted, bytes_in, gaps, missed, dups;
-static long long disconnects, refused, joined, back, epoch_changed, paged, unfilled;
+static long long disconnects, refused, attempts, joined, back, epoch_changed, paged, unfilled;
 /* restart: the terminal client's reconnect backoff (tcpserver/client.py) */
 static double backoff_first = 0.5, backoff_max = 15, backoff_jitter = 0.2;
 static int publishing, dropped;     /* restart: has the server gone yet */
@@ -124,6 +124,7 @@ static void open_conn(int idx) {
         die("connect");
     c->state = S_CONNECTING;
     c->len = 0;
+    attempts++;
     struct epoll_event ev = {.events = EPOLLOUT | EPOLLIN, .data.u32 = (uint32_t)idx};
     if (epoll_ctl(ep, EPOLL_CTL_ADD, c->fd, &ev) < 0) die("epoll_ctl");
 }
@@ -232,6 +233,7 @@ static void history_done(conn_t *c) {
     }
     c->phase = R_BACK;
     c->last_seq = c->top > c->live_max ? c->top : c->live_max;
+    c->back_at = now();
     back++;
 }
 
@@ -424,6 +426,26 @@ static void pump(double wait_s) {
     }
 }
 
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* Seconds from the drop until the q-th fraction of members were back. */
+static double back_quantile(double q) {
+    double *t = malloc(sizeof *t * (size_t)N);
+    int k = 0;
+    for (int i = 0; i < N; i++)
+        if (m[i].phase == R_BACK) t[k++] = m[i].back_at - t_dropped;
+    double v = 0;
+    if (k) {
+        qsort(t, (size_t)k, sizeof *t, cmp_double);
+        v = t[(int)(q * (k - 1))];
+    }
+    free(t);
+    return v;
+}
+
 static long long all_joined(void) { return joined >= N + (chat ? 0 : P); }
 
 static int stdin_line(double wait_s) {
@@ -526,9 +548,10 @@ int main(int argc, char **argv) {
         }
         joined = 0;
         while (back < N && now() < deadline) pump(0.05);
-        printf("result mode=restart proto=%s members=%d back=%lld back_s=%.3f lost=%lld "
-               "missed=%lld paged=%lld epoch_changed=%lld refused=%lld\n", argv[2], N, back,
-               now() - t_dropped, gaps + unfilled, missed, paged, epoch_changed, refused);
+        printf("result mode=restart proto=%s members=%d back=%lld back_s=%.3f back_p50_s=%.3f "
+               "lost=%lld missed=%lld paged=%lld epoch_changed=%lld connects=%lld "
+               "refused=%lld\n", argv[2], N, back, back_quantile(1.0), back_quantile(0.5),
+               gaps + unfilled, missed, paged, epoch_changed, attempts - N, refused);
         return back == N ? 0 : 1;
     }
 
