@@ -233,6 +233,9 @@ def _lock(path: Path) -> int:
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except FileExistsError as exc:  # mkdir met a file where a directory should be
+        raise StorageError(f"cannot use the room database {path}: {exc.filename} "
+                           "is not a directory") from None
     except OSError as exc:
         raise StorageError(f"cannot use the room database {path}: "
                            f"{exc.strerror or exc} ({exc.filename or lock_path})") from None
