@@ -18,7 +18,9 @@ session.  The gateway is spoken to in JSON text (several payloads per
 message, one per line); websockify carries raw frames in binary messages.
 
 Prints, per target, one line of key=value pairs: deliveries per second in
-the measured window, lost messages (must be 0), the target's CPU use, and
+the measured window, lost messages (must be 0), the target's CPU use and
+deliveries per CPU second of it (the fair figure on a shared machine, where
+a process gets a share of the cores rather than what it asks for), and
 its memory per session (PSS of its processes, all joined minus none, over
 SESSIONS), and the CPU use of the chat server and of this load generator
 (if either is near 100% of a core, it is the bottleneck, not the target).
@@ -259,6 +261,10 @@ async def load(url: str, binary: bool, args, prefix: str, pid: int, server_pid: 
         "lost": lost,
         "join_s": round(joined_s, 2),
         "cpu_pct": round(100 * cpu / elapsed),
+        # On a shared machine a process gets a share of the cores, not what
+        # it asks for; deliveries per CPU second of the target compare the
+        # work each does per delivery, whatever share it got.
+        "deliveries_per_cpu_s": round(delivered / max(cpu, 0.01)),
         "loadgen_cpu_pct": round(100 * own / elapsed),
         "server_cpu_pct": round(100 * server_cpu / elapsed),
         "pss_per_session_KiB": round((pss_joined - pss_before) / args.sessions, 1),
