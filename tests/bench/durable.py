@@ -124,13 +124,14 @@ def suite_durable(binary: Path, tmp: Path, args: argparse.Namespace) -> str:
         for name, r in ((":memory:", memory), ("SQLite file", sqlite)):
             rows.append([members, name, f"{float(r['deliveries_per_s']) / 1e6:.2f} M",
                          f"{ratio:.0%}" if r is sqlite else "", f"{r['cpu_share']:.0%}",
+                         f"{r['ns_per_delivery']:.0f}",
                          r["published"], r["lost"], r["evictions"]])
     if args.repeat > 1:
-        rows.append(median_row(members, rates["file"], rates["memory"], "%")[:8])
+        rows.append(median_row(members, rates["file"], rates["memory"], "%")[:9])
     out = table(f"Durable log: seated throughput, {args.publishers} publishers, "
                 f"{args.seconds:g} s each",
                 ["members", "--db", "deliveries/s", "vs :memory:", "server CPU",
-                 "published", "lost", "evictions"], rows)
+                 "CPU ns/delivery", "published", "lost", "evictions"], rows)
     return out + "\n" + fill_and_restart(binary, tmp, args)
 
 

@@ -94,6 +94,9 @@ def seated_run(binary: Path, tmp: Path, proto: str, members: int, args: argparse
         result.update(
             kb_per_member=(seated_kib - base_kib) * 1.024 / members,
             cpu_share=cpu / float(result["seconds"]),
+            # Less at the mercy of a busy machine than deliveries/s: what the
+            # target spent per delivery, whoever was the bottleneck.
+            ns_per_delivery=cpu / max(1, int(result["deliveries"])) * 1e9,
             peak_mib=target.peak_rss_kib() / 1024,
             evictions=evictions(target) if proto == "chat" else int(result["disconnects"]),
         )
@@ -115,14 +118,16 @@ def suite_throughput(binary: Path, tmp: Path, args: argparse.Namespace) -> str:
             for name, r in (("chat server", chat), ("redis pub/sub", redis)):
                 rows.append([members, name, f"{float(r['deliveries_per_s']) / 1e6:.2f} M",
                              f"{ratio:.2f}x" if r is chat else "",
-                             f"{r['cpu_share']:.0%}", f"{r['kb_per_member']:.1f}",
+                             f"{r['cpu_share']:.0%}", f"{r['ns_per_delivery']:.0f}",
+                             f"{r['kb_per_member']:.1f}",
                              f"{r['peak_mib']:.0f}", r["join_s"], r["lost"], r["evictions"]])
         if args.repeat > 1:
             rows.append(median_row(members, rates["chat"], rates["redis"], "x"))
     return table(f"Seated throughput: {args.publishers} publishers, {args.text_bytes}-byte "
                  f"messages, window {args.window}, {args.seconds:g} s each",
                  ["members", "server", "deliveries/s", "vs redis", "server CPU",
-                  "KB/member", "peak RSS MiB", "seat s", "lost", "evictions"], rows)
+                  "CPU ns/delivery", "KB/member", "peak RSS MiB", "seat s", "lost",
+                  "evictions"], rows)
 
 
 def median_row(members: int, ours: list[float], theirs: list[float], unit: str) -> list:
@@ -130,7 +135,7 @@ def median_row(members: int, ours: list[float], theirs: list[float], unit: str) 
     a, b = statistics.median(ours), statistics.median(theirs)
     ratio = f"{a / b:.2f}x" if unit == "x" else f"{a / b:.0%}"
     return [members, f"median of {len(ours)}", f"{a / 1e6:.2f} M vs {b / 1e6:.2f} M", ratio,
-            *[""] * 6]
+            *[""] * 7]
 
 
 def storm_run(binary: Path, tmp: Path, proto: str, members: int,
