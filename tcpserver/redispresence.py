@@ -87,17 +87,40 @@ end
 return redis.call('HLEN', KEYS[1])
 """
 
-ASSERT = """
--- KEYS: names, index.  ARGV: prefix, node, then (key, value) pairs.
--- Puts back this node's members that are missing; returns their keys.
-local missing = {}
-for i = 3, #ARGV, 2 do
-  if redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) == 1 then
-    redis.call('ZADD', KEYS[2], 0, ARGV[i])
+SYNC = """
+-- KEYS: epoch, seq, stream, names, index.  ARGV: epoch, retain, prefix, node,
+-- ts, announce_limit, then (key, value) pairs: this node's members now.
+-- Run on each reconnect: puts back members that are missing (returns their
+-- keys), and takes out, with a leave, those that left while Redis was away.
+""" + PUBLISH_ONE + """
+local live = redis.call('GET', KEYS[1]) == ARGV[1]
+local set = ARGV[3] .. 'node:' .. ARGV[4] .. ':members'
+local mine, missing = {}, {}
+for i = 7, #ARGV, 2 do
+  mine[ARGV[i]] = true
+  if redis.call('HSETNX', KEYS[4], ARGV[i], ARGV[i + 1]) == 1 then
+    redis.call('ZADD', KEYS[5], 0, ARGV[i])
     missing[#missing + 1] = ARGV[i]
   end
-  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
-    redis.call('SADD', ARGV[1] .. 'node:' .. ARGV[2] .. ':members', ARGV[i])
+  if redis.call('HGET', KEYS[4], ARGV[i]) == ARGV[i + 1] then
+    redis.call('SADD', set, ARGV[i])
+  end
+end
+for _, key in ipairs(redis.call('SMEMBERS', set)) do
+  if not mine[key] then
+    redis.call('SREM', set, key)
+    local v = redis.call('HGET', KEYS[4], key)
+    if v then
+""" + _SPLIT + """
+      if n == ARGV[4] then
+        redis.call('HDEL', KEYS[4], key)
+        redis.call('ZREM', KEYS[5], key)
+        if live and redis.call('HLEN', KEYS[4]) < tonumber(ARGV[6]) then
+          publish('{"type":"leave","member":' .. label .. ',"reason":"hung_up","ts":'
+                  .. ARGV[5] .. ',"seq":', '}')
+        end
+      end
+    end
   end
 end
 return missing
@@ -165,7 +188,7 @@ class RedisPresence(Presence):
         self._next_beat = 0.0
         self._next_reap = 0.0
         self._scripts = {name: Script(src) for name, src in
-                         (("claim", CLAIM), ("release", RELEASE), ("assert", ASSERT),
+                         (("claim", CLAIM), ("release", RELEASE), ("sync", SYNC),
                           ("reap", REAP), ("who", WHO))}
         roomlog.extra_streams[self.key("inbox")] = ["0-0", self._on_inbox]
         roomlog.up_hooks.append(self._on_up)
@@ -194,13 +217,14 @@ class RedisPresence(Presence):
         grace = 0.0 if self._first_up else REAP_GRACE
         self._first_up = False
         self._next_reap = time.monotonic() + max(grace, REAP_EVERY)
+        if self.log.resetting:
+            return  # a new epoch: the members are about to be closed
         pairs: list[str] = []
-        # After a new epoch the members are about to be closed: not theirs.
-        for key, client in ([] if self.log.resetting else self.room.members.items()):
+        for key, client in self.room.members.items():
             pairs += [key, self._value(client.label, client.resume)]
-        if pairs:
-            self._run("assert", ["names", "index"], [self.log.prefix, self.node, *pairs],
-                      self._reasserted)
+        self._run("sync", ["epoch", "seq", "stream", "names", "index"],
+                  [self.log.epoch, self.log.retain, self.log.prefix, self.node, now_ms(),
+                   self.room.limits.announce_limit, *pairs], self._reasserted)
 
     def _reasserted(self, missing: Any) -> None:
         if isinstance(missing, Exception):

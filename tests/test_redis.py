@@ -183,7 +183,8 @@ def test_redis_restart_with_persistence_loses_nothing_and_leaves_no_gap(
     a, b = node(redis), node(redis)
     alice = open_client(a.port, "alice")
     bob = open_client(b.port, "bob")
-    epoch = open_client(b.port).join("carol")["epoch"]
+    carol = open_client(b.port)
+    epoch = carol.join("carol")["epoch"]
     outcome = {}
     for i in range(10):
         outcome[f"m{i}"] = say_and_wait(alice, f"m{i}")
@@ -191,6 +192,8 @@ def test_redis_restart_with_persistence_loses_nothing_and_leaves_no_gap(
     assert degraded(alice).startswith("redis: ")
     for i in range(10, 15):
         outcome[f"m{i}"] = say_and_wait(alice, f"m{i}")
+    carol.send({"type": "quit"})  # her leave cannot be published yet
+    assert carol.closed_by_server()
     redis.start()
     degraded(alice, want=False)
     bob_seen: list[dict] = []
@@ -201,8 +204,16 @@ def test_redis_restart_with_persistence_loses_nothing_and_leaves_no_gap(
         ["echoed"] * 10 + ["room_unavailable"] * 5 + ["echoed"] * 10
     # Bob, on the other node, saw every echoed message once, with no gap.
     events = [m for m in bob_seen if "seq" in m]
-    events += room_events(bob, lambda ev: any(e.get("text") == "m24" for e in events + ev),
-                          timeout=20)
+    def done(more):
+        seen = events + more
+        return any(e.get("text") == "m24" for e in seen) and \
+            any(e["type"] == "leave" for e in seen)
+
+    events += room_events(bob, done, timeout=20)
+    # Carol's leave was published once Redis was back (as hung_up: the node
+    # re-read who is still connected), and her name is free again.
+    leaves = [e for e in events if e["type"] == "leave"]
+    assert [(e["member"], e["reason"]) for e in leaves] == [("carol@127.0.0.1", "hung_up")]
     said = [e["text"] for e in events if e["type"] == "message"]
     assert said == [f"m{i}" for i in range(10)] + [f"m{i}" for i in range(15, 25)]
     seqs = [e["seq"] for e in events]
@@ -210,7 +221,7 @@ def test_redis_restart_with_persistence_loses_nothing_and_leaves_no_gap(
     # The room's history (from Redis, on either node) holds the same events;
     # the epoch did not change.
     dave = open_client(a.port)
-    assert dave.join("dave")["epoch"] == epoch
+    assert dave.join("carol")["epoch"] == epoch
     dave.send({"type": "history", "after": seqs[0] - 1})
     reply = dave.recv_type("history")
     replayed = [dave.recv() for _ in range(reply["count"])]
@@ -239,3 +250,18 @@ def test_redis_restarted_empty_starts_a_new_epoch_and_clients_are_told(
     alice.send({"type": "say", "text": "after"})
     message, _ = bob.recv_until(lambda m: m.get("text") == "after")
     assert message["seq"] <= 3  # numbering starts again: alice's join, bob's, this
+
+
+def test_a_node_shut_down_takes_its_members_out_at_once(start_redis, node, open_client):
+    redis = start_redis()
+    a, b = node(redis), node(redis)
+    watcher = open_client(a.port, "watcher")
+    leaving = open_client(b.port, "leaving")
+    watcher.recv_until(lambda m: m.get("member") == leaving.label)
+    assert b.terminate() == 0
+    assert leaving.recv_type("shutdown")
+    # Within the alive key's TTL (5 s): the node retired itself, nobody reaped it.
+    leave = watcher.recv_type("leave", timeout=4)
+    assert (leave["member"], leave["reason"]) == ("leaving@127.0.0.1", "hung_up")
+    watcher.send({"type": "who"})
+    assert watcher.recv_type("members")["members"] == ["watcher@127.0.0.1"]
