@@ -9,12 +9,13 @@ import re
 import signal
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from conftest import Program, RawClient
+from conftest import ROOT, Program, RawClient
 
 FAST = ("--msg-rate=100000", "--msg-burst=100000", "--max-per-ip=50")
 
@@ -387,3 +388,13 @@ def test_the_launcher_passes_db_through(tmp_path):
     finally:
         launcher.kill()
     assert db.exists()
+
+
+def test_the_start_up_benchmark_runs(tmp_path):
+    # A tiny run of tests/bench/startup.py, so the script README quotes works.
+    done = subprocess.run([sys.executable, "tests/bench/startup.py", "--events=3000",
+                           "--runs=1", f"--dir={tmp_path}"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"database: [\d,]+ bytes, [\d,]+ bytes per 1,000 events", done.stdout)
+    assert re.search(r"3000 events: start-up [\d.]+ s median .* RSS [\d.]+ MiB", done.stdout)
