@@ -177,8 +177,10 @@ class SqliteLog(RoomLog):
                 young = self._db.execute(
                     "SELECT MIN(seq) FROM events WHERE seq >= ? AND seq < ? AND ts >= ?",
                     (self._db_first, self._db_first + PRUNE_STEP, cutoff)).fetchone()[0]
+                # The newest event always stays: MAX(seq) is where seq
+                # continues after a restart, whatever its age.
                 stop = max(stop, min(self._db_first + PRUNE_STEP,
-                                     young if young is not None else self._last_seq + 1))
+                                     young if young is not None else self._last_seq))
             if stop <= self._db_first:
                 return 0
             self._db.execute("DELETE FROM events WHERE seq < ?", (stop,))

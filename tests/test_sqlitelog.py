@@ -97,6 +97,20 @@ def test_retain_days_prunes_by_age(tmp_path):
     roomlog.close()
 
 
+def test_age_pruning_keeps_the_newest_event_so_seq_continues(tmp_path):
+    path = tmp_path / "room.db"
+    roomlog = open_log(path, days=1.0)
+    add(roomlog, 4)
+    with sqlite3.connect(path) as db:  # all of them old
+        db.execute("UPDATE events SET ts = ts - 2 * 86400000")
+    assert roomlog.prune() == 3
+    roomlog.close()
+    again = open_log(path, days=1.0)
+    assert (again.first_seq, again.last_seq) == (4, 4)
+    assert seqs(add(again, 1)) == [5]  # not 1 again in the same epoch
+    again.close()
+
+
 def test_a_second_opener_is_refused_naming_the_holder(tmp_path):
     path = tmp_path / "room.db"
     holder = open_log(path)
