@@ -197,13 +197,10 @@ class Session:
             self._failed(exc)
 
     def _relay(self, data: bytes) -> None:
-        queue_size = self.config.queue_size
-        if self._waiting >= queue_size:
+        if self._waiting >= self.config.queue_size:
             # The sender had its turn since the last read and these are
             # still waiting: the browser is not taking them.
-            self.close(WSCloseCode.TRY_AGAIN_LATER,
-                       f"too far behind: {queue_size} messages waiting; "
-                       "reconnect and ask for history", "overflow")
+            self._overflow()
             return
         # Without copying the read: look in it, and across its seam with the last.
         seam = self._tail + data[:_TAG_OVERLAP]
@@ -285,7 +282,17 @@ class Session:
 
     def _reject(self, code: str, message: str) -> None:
         self.metrics.rejected.inc()
+        if self._waiting >= self.config.queue_size:
+            # A browser that sends junk and reads nothing must not make us
+            # hold its replies without bound either.
+            self._overflow()
+            return
         self._queue([error_payload(code, message)], 1)
+
+    def _overflow(self) -> None:
+        self.close(WSCloseCode.TRY_AGAIN_LATER,
+                   f"too far behind: {self.config.queue_size} messages waiting; "
+                   "reconnect and ask for history", "overflow")
 
     def _wake_sender(self) -> None:
         wakeup = self._wakeup

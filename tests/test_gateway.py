@@ -467,6 +467,24 @@ async def test_a_browser_that_falls_behind_is_closed_1013_not_dropped(gateway_cl
         fake.close()
 
 
+async def test_a_browser_that_sends_junk_and_reads_nothing_is_closed_1013(gateway_client):
+    """Its error replies are held like relayed frames: at most queue_size."""
+    client = await gateway_client(free_port(), queue_size=4, hello_timeout=120)
+    app = client.server.app
+    async with client.ws_connect("/ws", compress=0) as ws:
+        # Bounded: the kernel's buffers hold a few MB of ~80-byte replies.
+        for sent in range(300_000):
+            await ws.send_str("junk")
+            if sent % 1000 == 0:
+                await asyncio.sleep(0)  # the gateway runs in this loop too
+                if metric(app, "gateway_session_closes_total", reason="overflow"):
+                    break
+        assert metric(app, "gateway_session_closes_total", reason="overflow") == 1
+        seen, msg = await recv_all(ws)
+        assert {m["code"] for m in seen} == {"bad_message"}
+        assert (msg.type, msg.data) == (WSMsgType.CLOSE, 1013)
+
+
 async def test_a_relay_bug_closes_the_session_1011(gateway_client, server, member, monkeypatch):
     def broken():
         raise RuntimeError("simulated bug")
