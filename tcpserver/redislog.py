@@ -6,14 +6,16 @@ tag: every key of a room lives on one shard, so scripts may touch them all):
 * ``epoch``  -- string, the transcript's name; ``SET NX`` by the first node.
 * ``seq``    -- integer, the last seq issued (``INCR``).
 * ``stream`` -- stream of room events, entry ID ``0-<seq>``, one field
-  ``f`` holding the whole frame (4-byte big-endian length + JSON payload),
-  trimmed with ``MAXLEN ~ retain``.
+  ``f`` holding the event's JSON payload (each node frames it with
+  ``protocol.frame_payload``), trimmed with ``MAXLEN ~ retain``.
 
 Publishing: ``stage`` encodes an event with a sentinel seq and splits the
 payload around it; ``commit`` sends the turn's events in one ``EVALSHA`` of
-``PUBLISH``, which checks the epoch, ``INCR``s the seq, splices it in,
-prepends the length and ``XADD``s each event -- atomically, so seqs are
-consecutive, stream IDs equal seqs, and every node sees one total order.
+``PUBLISH``, which checks the epoch, ``INCR``s the seq, splices it in and
+``XADD``s each event -- atomically, so seqs are consecutive, stream IDs
+equal seqs, and every node sees one total order.  The stream holds
+payloads, not frames: the length header is built by our one codec
+(``protocol.frame_payload``), identically on every node, not in Lua.
 
 Delivery: a second connection loops on ``XREAD BLOCK`` from the last entry
 delivered; entries are appended, byte for byte, to the in-memory mirror (the
@@ -59,13 +61,15 @@ _SEQ_MARK = b'"seq":%d' % _SENTINEL
 
 # Shared by every script that publishes (KEYS[2] = seq, KEYS[3] = stream,
 # ARGV[2] = retain): the next seq, spliced between the payload's two halves,
-# the 4-byte big-endian length in front, appended as entry 0-<seq>.
+# appended as entry 0-<seq>.  The stream holds JSON payloads; each node
+# frames them with tcpserver.protocol, the one codec (no second encoder of
+# the length header lives in Lua).
 PUBLISH_ONE = """
 local function publish(head, tail)
   local seq = redis.call('INCR', KEYS[2])
   local payload = head .. seq .. tail
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '0-' .. seq,
-             'f', struct.pack('>I4', #payload) .. payload)
+             'f', payload)
   return seq
 end
 """
@@ -165,7 +169,7 @@ class RedisLog(RoomLog):
             seq = _seq_of(entry_id)
             if entries and seq != entries[-1][0] - 1:
                 break
-            entries.append((seq, fields[1]))
+            entries.append((seq, _frame(fields[1])))
         self._recent.extend(reversed(entries))
         self._last_seq = entries[0][0] if entries else 0
 
@@ -245,9 +249,12 @@ class RedisLog(RoomLog):
         """Encode ``event``; Redis gives it its seq at ``commit``.  Returns
         the frame as encoded with a placeholder seq (for its size)."""
         event["seq"] = _SENTINEL
-        frame = protocol.encode_frame(event, self.max_frame)
-        at = frame.index(_SEQ_MARK, 4) + len(_SEQ_MARK) - len(str(_SENTINEL))
-        self._staged.append((frame[4:at], frame[at + len(str(_SENTINEL)):], owner))
+        payload = protocol.encode_payload(event)
+        frame = protocol.frame_payload(payload, self.max_frame)  # raises if too big
+        # '"seq":' outside a string is the key itself: inside one, the
+        # quotes would be escaped.
+        at = payload.index(_SEQ_MARK) + len(_SEQ_MARK) - len(str(_SENTINEL))
+        self._staged.append((payload[:at], payload[at + len(str(_SENTINEL)):], owner))
         del event["seq"]
         return frame
 
@@ -326,7 +333,7 @@ class RedisLog(RoomLog):
                 log.warning("room log: events %d..%d were trimmed before this node read them",
                             self._last_seq + 1, seq - 1)
                 self._recent.clear()
-            frame = fields[1]
+            frame = _frame(fields[1])
             self._recent.append((seq, frame))
             self._delivered.append(frame)
             self._last_seq = seq
@@ -374,6 +381,11 @@ class RedisLog(RoomLog):
 
     def _first_seq(self) -> int:
         return self._recent[0][0] if self._recent else self._last_seq + 1
+
+
+def _frame(payload: bytes) -> bytes:
+    # Another node may allow larger frames (--max-frame): never refuse one here.
+    return protocol.frame_payload(payload, len(payload))
 
 
 def _seq_of(entry_id: bytes) -> int:
