@@ -31,7 +31,7 @@ class Client:
     __slots__ = (
         "sock", "fd", "peer_ip", "ip", "decoder", "name", "label",
         "pos", "stop_at", "queue", "queued_bytes", "reply_bytes", "replay", "hold_at",
-        "writing", "reading", "resume", "waiting",
+        "writing", "reading", "resume", "waiting", "proxied",
         "tokens", "token_time", "held", "throttled_since", "wake_at", "timer_at",
         "connected_at", "last_recv", "pinged", "partial_since",
         "closing", "close_deadline", "fin_sent", "closed",
@@ -42,6 +42,7 @@ class Client:
         self.fd = sock.fileno()
         self.peer_ip = ip  # who is connected
         self.ip = ip  # who is counted: the peer, or the address a trusted proxy forwarded
+        self.proxied = False  # from a trusted proxy, before hello: counted as pending
         self.decoder = protocol.FrameDecoder(limits.max_frame)
         self.name: str | None = None  # set once in the room
         self.label: str | None = None

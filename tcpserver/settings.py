@@ -60,8 +60,14 @@ class Limits:
     # here costs a few KiB, so the descriptor limit binds first.
     max_clients: int = 10_000
     # Enough for a household behind one NAT, few enough that one host
-    # cannot take the room's seats.
+    # cannot take the room's seats.  A trusted proxy's connections count
+    # under the addresses it forwards, never under its own.
     max_per_ip: int = 32
+    # Connections from trusted proxies that have not said hello yet: they
+    # are not counted per address until hello, so they get a bound of their
+    # own.  Room for a reconnect storm of a thousand browsers through one
+    # gateway and its health probes, far below max_clients.
+    max_pending_proxied: int = 1000
     # A real client says hello at once; 10 s allows for a slow mobile link.
     hello_timeout: float = 10.0
     # Silence for half of this draws a ping; for all of it, a disconnect.
@@ -101,6 +107,8 @@ _OPTIONS = (
     ("--max-frame", "max_frame", int, "largest frame payload in bytes"),
     ("--max-clients", "max_clients", int, "most connections at once"),
     ("--max-per-ip", "max_per_ip", int, "most connections from one address"),
+    ("--max-pending-proxied", "max_pending_proxied", int,
+     "most connections from trusted proxies waiting for hello"),
     ("--hello-timeout", "hello_timeout", float, "seconds to send hello"),
     ("--idle-timeout", "idle_timeout", float, "seconds of silence before disconnect"),
     ("--frame-timeout", "frame_timeout", float, "seconds to finish a frame once begun"),
