@@ -47,7 +47,8 @@ def metrics_server(start_server, *args: str):
 
 
 def test_metrics_count_a_conversation(start_server, open_client):
-    server, port = metrics_server(start_server, "--max-per-ip=3")
+    # Loopback is not a trusted proxy here: it is counted from accept on.
+    server, port = metrics_server(start_server, "--max-per-ip=3", "--trusted-proxy=192.0.2.1/32")
     samples = scrape(port)
     assert value(samples, "chat_members") == 0
     assert value(samples, "chat_connections_refused_total", reason="too_many_connections") == 0
