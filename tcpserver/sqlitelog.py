@@ -75,6 +75,7 @@ class SqliteLog(RoomLog):
         self.retain_events = retain_events
         self.retain_days = retain_days
         self._degraded: str | None = None
+        self._prune_failing = False
         self._lock_fd = _lock(self.path)
         try:
             self._db = self._open()
@@ -186,8 +187,11 @@ class SqliteLog(RoomLog):
             self._db.execute("DELETE FROM events WHERE seq < ?", (stop,))
         except sqlite3.Error as exc:
             self._rollback()
-            log.warning("room log: pruning failed: %s", exc)
+            if not self._prune_failing:  # once, not every tick
+                log.warning("room log: pruning failed: %s", exc)
+            self._prune_failing = True
             return 0
+        self._prune_failing = False
         removed = stop - self._db_first
         self._db_first = stop
         return removed
