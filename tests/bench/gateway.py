@@ -327,7 +327,10 @@ def main() -> int:
                 sys.executable, "-m", "tcpserver", "--name=server", "--port=0",
                 f"--max-per-ip={2 * args.sessions + 20}",
                 f"--max-clients={2 * args.sessions + 20}", "--msg-rate=1e9",
-                "--msg-burst=1000000000", "--idle-timeout=600", "--log-level=info"])
+                "--msg-burst=1000000000", "--idle-timeout=600", "--log-level=info",
+                # Never the user's room database (the default --db), which a
+                # second run would find locked.
+                "--db=:memory:"])
             chat_port = int(wait_for(log, r"listening on \S+:(\d+)", server).group(1))
 
             profile = ["-m", "cProfile", "-o", args.profile] if args.profile else []
