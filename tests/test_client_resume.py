@@ -18,7 +18,7 @@ import pexpect
 import pytest
 from test_client import Terminal
 
-from tcpserver import transcript
+from tcpserver import protocol, transcript
 from tcpserver.client import backoff
 
 TIME = r"\[\d\d:\d\d:\d\d\]"
@@ -361,6 +361,77 @@ def test_a_name_taken_by_someone_else_while_away_ends_the_client(server, proxy, 
     assert bob.wait() == 2
     assert bob.text("err").splitlines()[-1] == (
         "! cannot rejoin as 'bob': the name 'bob' is taken (name_taken)")
+
+
+def test_a_line_cut_off_by_a_drop_is_resent_even_if_its_text_was_said_before(piped):
+    # bob says "same" twice; the link drops before the second echo. The
+    # replay after the rejoin holds the first "same": that is not the
+    # second one's echo, so the line must be sent again.
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10)
+    seen: list[dict] = []
+    failures: list[BaseException] = []
+
+    def frames(sock, *messages):
+        sock.sendall(b"".join(protocol.encode_frame(m) for m in messages))
+
+    def serve():
+        label = "bob@10.0.0.1"
+        welcome = {"type": "welcome", "name": "bob", "label": label, "epoch": "e1",
+                   "members": [label], "more": False, "resume": "t1"}
+        said = {"type": "message", "seq": 2, "from": label, "text": "same", "ts": 0}
+        try:
+            with listener:
+                sock, _ = listener.accept()
+                with sock:
+                    decoder = protocol.FrameDecoder()
+                    seen.append(read_message(sock, decoder))  # hello
+                    frames(sock, {**welcome, "last_seq": 0, "history": 0},
+                           {"type": "join", "seq": 1, "member": label, "ts": 0})
+                    seen.append(read_message(sock, decoder))  # say same
+                    frames(sock, said)
+                    seen.append(read_message(sock, decoder))  # say same, again: drop
+                sock, _ = listener.accept()
+                with sock:
+                    decoder = protocol.FrameDecoder()
+                    seen.append(read_message(sock, decoder))  # hello with resume
+                    frames(sock, {**welcome, "last_seq": 2, "history": 2},
+                           {"type": "join", "seq": 1, "member": label, "ts": 0}, said,
+                           {"type": "join", "seq": 3, "member": label, "ts": 0})
+                    seen.append(read_message(sock, decoder))  # history after 2
+                    frames(sock, {"type": "history", "after": 2, "count": 1, "missed": 0},
+                           {"type": "join", "seq": 3, "member": label, "ts": 0})
+                    seen.append(read_message(sock, decoder))  # the resent say
+                    frames(sock, {**said, "seq": 4})
+                    seen.append(read_message(sock, decoder))  # quit
+                    frames(sock, {"type": "leave", "seq": 5, "member": label,
+                                  "reason": "quit", "ts": 0})
+        except BaseException as exc:  # reported by the test
+            failures.append(exc)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    bob = piped(listener.getsockname()[1], "bob")
+    bob.type("same")
+    bob.expect(rf"^{TIME} bob@10.0.0.1: same$")
+    bob.type("same")
+    bob.expect(r"^\* reconnected as bob@10.0.0.1$")
+    assert bob.finish() == 0, bob.text("err")
+    thread.join(10)
+    assert not failures, failures
+    assert seen[3] == {"type": "hello", "name": "bob", "resume": "t1"}
+    assert seen[4] == {"type": "history", "after": 2}
+    assert seen[5] == {"type": "say", "text": "same"}
+    assert shown(bob, r"bob@10.0.0.1: same$") == 2, bob.text()
+
+
+def read_message(sock, decoder) -> dict:
+    while (payload := decoder.next_payload()) is None:
+        data = sock.recv(65536)
+        if not data:
+            raise EOFError("client closed")
+        decoder.receive_data(data)
+    return protocol.parse_client_message(payload)
 
 
 # --- /history --------------------------------------------------------------------
