@@ -105,8 +105,11 @@ class Session:
         self.quitting = False
         self._members: list = []
         self.who_prefix = ""  # the PREFIX of the /who being answered
-        # (reply future, reply test, highest seq shown when it was sent)
-        self._waiter: tuple[asyncio.Future, Reply, int] | None = None
+        self._waiter: tuple[asyncio.Future, Reply] | None = None
+        # The highest seq shown when deliver() last sent: the echo of what
+        # it sent is above it, so an older message replayed after a rejoin
+        # is never taken for that echo.
+        self.echo_floor = 0
 
     async def send(self, message: dict) -> None:
         """Send one message now.  Raises OSError if not connected."""
@@ -260,9 +263,7 @@ class Session:
         if not transcript.filling:
             self.ready.set()
         waiter = self._waiter
-        # A reply to what we sent has a higher seq than anything shown
-        # before; an older event replayed after a rejoin cannot be it.
-        if waiter and not waiter[0].done() and msg.get("seq", waiter[2] + 1) > waiter[2]:
+        if waiter and not waiter[0].done():
             if kind == "error" and msg["code"] != "unknown_seq":
                 waiter[0].set_result(msg["code"])
             elif waiter[1](msg):
@@ -303,7 +304,8 @@ class Session:
             await self.ready.wait()
             conn = self.conn
             future = asyncio.get_running_loop().create_future()
-            self._waiter = (future, is_reply, self.transcript.last_seq)
+            self._waiter = (future, is_reply)
+            self.echo_floor = self.transcript.last_seq
             try:
                 await conn.send(message)
                 ended = asyncio.ensure_future(conn.ended.wait())

@@ -82,8 +82,8 @@ async def act(session: Session, line: str, confirm: bool) -> bool:
         return await _command(session, command.lower(), rest, confirm)
     text = line[1:] if line.startswith("//") else line
     await _submit(session, {"type": "say", "text": text},
-                  lambda m: m["type"] == "message" and m["from"] == session.label
-                  and m["text"] == text, confirm)
+                  lambda m: m["type"] == "message" and m["seq"] > session.echo_floor
+                  and m["from"] == session.label and m["text"] == text, confirm)
     return True
 
 
