@@ -192,6 +192,9 @@ def test_redis_restart_with_persistence_loses_nothing_and_leaves_no_gap(
     assert degraded(alice).startswith("redis: ")
     for i in range(10, 15):
         outcome[f"m{i}"] = say_and_wait(alice, f"m{i}")
+    newcomer = open_client(a.port)
+    newcomer.send({"type": "hello", "name": "eve"})  # no name can be checked now
+    assert newcomer.recv_type("error")["code"] == "room_unavailable"
     carol.send({"type": "quit"})  # her leave cannot be published yet
     assert carol.closed_by_server()
     redis.start()
@@ -265,3 +268,16 @@ def test_a_node_shut_down_takes_its_members_out_at_once(start_redis, node, open_
     assert (leave["member"], leave["reason"]) == ("leaving@127.0.0.1", "hung_up")
     watcher.send({"type": "who"})
     assert watcher.recv_type("members")["members"] == ["watcher@127.0.0.1"]
+
+
+def test_a_server_whose_redis_is_unreachable_at_start_exits_1_in_one_line(start_redis, tmp_path):
+    from conftest import Program
+
+    redis = start_redis()
+    redis.kill()  # nothing listens on its port now
+    server = Program(tmp_path, "-m", "tcpserver", "--name=server", "--port=0",
+                     f"--redis={redis.url}")
+    assert server.proc.wait(10) == 1
+    lines = server.log_text().strip().splitlines()
+    assert len(lines) == 1 and f"cannot use Redis at {redis.url}" in lines[0], lines
+    server.kill()
