@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import re
 import time
+import urllib.error
+import urllib.request
 
 import pytest
+from conftest import Program
 
 pytest_plugins = ["redis_fixtures"]
 
@@ -271,8 +276,6 @@ def test_a_node_shut_down_takes_its_members_out_at_once(start_redis, node, open_
 
 
 def test_a_server_whose_redis_is_unreachable_at_start_exits_1_in_one_line(start_redis, tmp_path):
-    from conftest import Program
-
     redis = start_redis()
     redis.kill()  # nothing listens on its port now
     server = Program(tmp_path, "-m", "tcpserver", "--name=server", "--port=0",
@@ -281,3 +284,37 @@ def test_a_server_whose_redis_is_unreachable_at_start_exits_1_in_one_line(start_
     lines = server.log_text().strip().splitlines()
     assert len(lines) == 1 and f"cannot use Redis at {redis.url}" in lines[0], lines
     server.kill()
+
+
+def test_the_gateways_health_is_503_while_redis_is_down(start_redis, tmp_path):
+    def health() -> tuple[int, dict]:
+        try:
+            with urllib.request.urlopen(f"http://{host}:{port}/health", timeout=5) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def wait_for(status: int) -> dict:
+        deadline = time.monotonic() + 30
+        while True:
+            got, body = health()
+            if got == status:
+                return body
+            assert time.monotonic() < deadline, f"/health stayed {got}: {body}"
+            time.sleep(0.2)
+
+    redis = start_redis()
+    # The launcher (server plus gateway) passes --redis on to its server.
+    room = Program(tmp_path, "-m", "gateway.cli", "--port=0", "--http-port=0",
+                   f"--redis={redis.url}")
+    try:
+        host, port = room.wait_log(re.compile(r"serving on http://(\S+?):(\d+)/")).groups()
+        wait_for(200)
+        redis.kill()
+        body = wait_for(503)
+        assert body["status"] == "degraded"
+        assert body["chat_server"]["degraded"].startswith("redis: ")
+        redis.start()
+        wait_for(200)
+    finally:
+        room.kill()
