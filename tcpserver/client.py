@@ -105,6 +105,7 @@ class Session:
         self.quitting = False
         self._members: list = []
         self.who_prefix = ""  # the PREFIX of the /who being answered
+        self._members_quiet = False  # the welcome's list after a rejoin: not shown
         self._waiter: tuple[asyncio.Future, Reply] | None = None
         # The highest seq shown when deliver() last sent: the echo of what
         # it sent is above it, so an older message replayed after a rejoin
@@ -143,13 +144,18 @@ class Session:
         self.resume = welcome.get("resume")
         lines, request = self.transcript.welcome(welcome, rejoin)
         self._print(lines)
-        self.show(f"* {'reconnected' if rejoin else 'joined'} as {display.clean(self.label)}")
-        if welcome.get("large"):
-            self.show(f"* {welcome.get('count', '?')} in the room (/who lists them)")
+        if rejoin:
+            # One line when back; /who lists the members.
+            count = welcome.get("count", len(welcome["members"]))
+            self.show(f"* reconnected as {display.clean(self.label)} ({count} in the room)")
         else:
-            self._members = list(welcome["members"])
-            if not welcome["more"]:
-                self._show_members()
+            self.show(f"* joined as {display.clean(self.label)}")
+            if welcome.get("large"):
+                self.show(f"* {welcome.get('count', '?')} in the room (/who lists them)")
+        self._members = list(welcome["members"])
+        self._members_quiet = rejoin
+        if not welcome["more"]:
+            self._show_members()
         if request:
             await conn.send(request)
         else:
@@ -274,8 +280,9 @@ class Session:
             self.show(line.text, err=line.err, dim=line.dim)
 
     def _show_members(self) -> None:
-        self.show(display.members(self._members, prefix=self.who_prefix))
-        self._members, self.who_prefix = [], ""
+        if not self._members_quiet:
+            self.show(display.members(self._members, prefix=self.who_prefix))
+        self._members, self.who_prefix, self._members_quiet = [], "", False
 
     async def _pong(self, conn: Connection, ping: dict) -> None:
         reply = {"type": "pong"}

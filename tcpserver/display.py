@@ -20,8 +20,8 @@ always exactly one line.  Diagnostics start with ``!`` and go to stderr::
     ! shutdown: the server is shutting down
     ! the server is restarting or stopping; reconnecting (Ctrl-C to stop)
 
-and after a rejoin ``* reconnected as bob@127.0.0.1`` on stdout, then the
-events missed meanwhile, each once.
+and after a rejoin ``* reconnected as bob@127.0.0.1 (3 in the room)`` on
+stdout, then the events missed meanwhile, each once.
 
 The functions here build lines and do no I/O; ``printer`` makes the one
 function that prints them.

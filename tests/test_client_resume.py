@@ -151,7 +151,7 @@ def test_client_survives_a_killed_server_and_shows_missed_messages_once(start_se
     carol = open_client(restarted.port, "carol")
     for i in range(3):
         carol.send({"type": "say", "text": f"missed {i}"})
-    bob.expect(r"^\* reconnected as bob@127.0.0.1$")
+    bob.expect(r"^\* reconnected as bob@127.0.0.1 \(\d+ in the room\)$")
     bob.expect(NEW_EPOCH, key="err")
     for i in range(3):
         # Said before or after bob was back: in his welcome's history, or live.
@@ -182,7 +182,7 @@ def test_a_server_restarted_on_its_database_is_continued_without_a_gap(start_ser
     carol = open_client(restarted.port, "carol")
     for i in range(3):
         carol.send({"type": "say", "text": f"missed {i}"})
-    bob.expect(r"^\* reconnected as bob@127.0.0.1$")
+    bob.expect(r"^\* reconnected as bob@127.0.0.1 \(\d+ in the room\)$")
     bob.expect(rf"^{TIME} carol@127.0.0.1: missed 2$")
     assert bob.finish() == 0
     out = bob.text()
@@ -209,7 +209,7 @@ def test_after_a_shutdown_notice_the_client_comes_back(start_server, piped, open
     bob.type("hello again")
     restarted = start_server("--max-per-ip=200", f"--port={port}")
     alice = open_client(restarted.port, "alice")
-    bob.expect(r"^\* reconnected as bob@127.0.0.1$")
+    bob.expect(r"^\* reconnected as bob@127.0.0.1 \(\d+ in the room\)$")
     msg, _ = alice.recv_until(lambda m: m["type"] == "message")
     assert (msg["from"], msg["text"]) == ("bob@127.0.0.1", "hello again")
     assert bob.finish() == 0
@@ -246,7 +246,7 @@ def test_a_dropped_link_is_rejoined_and_the_gap_filled_once(server, proxy, piped
         alice.send({"type": "say", "text": f"while away {i}"})
     alice.recv_until(lambda m: m["type"] == "message" and m["text"] == "while away 4")
     link.held = False
-    bob.expect(r"^\* reconnected as bob@127.0.0.1$")
+    bob.expect(r"^\* reconnected as bob@127.0.0.1 \(\d+ in the room\)$")
     bob.expect(rf"^{TIME} alice@127.0.0.1: while away 4$")
     bob.type("/who")
     bob.expect(r"^\* in the room \(2\)", timeout=10)
@@ -262,6 +262,8 @@ def test_a_dropped_link_is_rejoined_and_the_gap_filled_once(server, proxy, piped
         assert shown(bob, rf"^{TIME} alice@127.0.0.1: while away {i}$") == 1, out
     assert shown(bob, r"seen live$") == 1
     assert shown(bob, rf"^{TIME} \* bob@127.0.0.1 hung up$") == 1
+    # One line when back: the member list comes only when asked for.
+    assert shown(bob, r"^\* in the room \(2\): ") == 1, out
 
 
 def test_a_gap_the_server_no_longer_holds_is_counted(start_server, proxy, piped, open_client):
@@ -298,7 +300,7 @@ def test_resume_takes_the_name_back_from_a_stale_connection(server, proxy, piped
     # as after a network drop it has not noticed yet.
     link.cut(server_side=False)
     bob.expect(RECONNECTING, key="err")
-    bob.expect(r"^\* reconnected as bob@127.0.0.1$")
+    bob.expect(r"^\* reconnected as bob@127.0.0.1 \(\d+ in the room\)$")
     leave, _ = alice.recv_until(lambda m: m["type"] == "leave")
     assert (leave["member"], leave["reason"]) == ("bob@127.0.0.1", "replaced")
     bob.expect(rf"^{TIME} \* bob@127.0.0.1 left \(replaced by a new connection\)$")
@@ -320,7 +322,8 @@ def test_terminal_comes_back_with_the_gap_filled_and_the_prompt_intact(server, p
         alice.recv_until(lambda m: m["type"] == "message" and m["text"] == "while away 2")
         term.child.send("typed meanwhile")
         link.held = False
-        term.wait(lambda: "* reconnected as bob@127.0.0.1" in term.rows(), "the return")
+        term.wait(lambda: "* reconnected as bob@127.0.0.1 (2 in the room)" in term.rows(),
+                  "the return")
         term.wait(lambda: any(r.endswith("alice@127.0.0.1: while away 2") for r in term.rows()),
                   "the missed lines")
         rows = term.rows()
@@ -415,7 +418,7 @@ def test_a_line_cut_off_by_a_drop_is_resent_even_if_its_text_was_said_before(pip
     bob.type("same")
     bob.expect(rf"^{TIME} bob@10.0.0.1: same$")
     bob.type("same")
-    bob.expect(r"^\* reconnected as bob@10.0.0.1$")
+    bob.expect(r"^\* reconnected as bob@10.0.0.1 \(1 in the room\)$")
     assert bob.finish() == 0, bob.text("err")
     thread.join(10)
     assert not failures, failures
