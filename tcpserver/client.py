@@ -19,10 +19,11 @@ token of its last welcome, and fills the gap with ``history``, showing each
 missed event once (``tcpserver/transcript.py``).  It does not come back
 after a refusal (``flooding``, ``bad_frame``) or when its name is refused.
 
-Exit status: 0 after ``/quit``, end of input, or Ctrl-C (also while
-reconnecting); 1 if the server cannot be reached at start, is not a chat
-server (say, the web gateway's HTTP port) or closed us for a refusal; 2 if
-the server refuses the name.
+Exit status: 0 after ``/quit``, end of input, Ctrl-C at the prompt, or
+Ctrl-C while reconnecting; 1 if the server cannot be reached at start, is
+not a chat server (say, the web gateway's HTTP port) or closed us for a
+refusal; 2 if the server refuses the name; 130 if a piped client is
+interrupted while connected.
 """
 
 from __future__ import annotations
