@@ -163,3 +163,36 @@ def test_restart_members_come_back(loadgen, tmp_path, db):
     else:
         assert (result["epoch_changed"], result["lost"]) == ("0", "0")
         assert int(result["paged"]) == int(result["missed"]) > 0
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+def test_paced_run_over_two_nodes_times_every_delivery(loadgen, tmp_path):
+    # cluster.py's options: port2 splits the members over two nodes of one
+    # room; rate paces the publishers and records every delivery's latency.
+    from cluster import scrape
+
+    redis = start_redis(tmp_path, 20)
+    nodes = []
+    try:
+        for i in range(2):
+            nodes.append(start_server(tmp_path, 20, f"--redis=redis://127.0.0.1:{redis.port}/0",
+                                      "--metrics-port=0", log_name=f"node{i}.log"))
+        urls = [n._wait_for(r"metrics on (http://\S+/metrics)", 10).group(1) for n in nodes]
+        gen = Loadgen(loadgen, "throughput", "chat", nodes[0].port, 20, publishers=4,
+                      seconds=1, rate=40, timeout=30, port2=nodes[1].port)
+        try:
+            gen.line("seated")
+            latency = gen.line("latency")
+            result = gen.line("result")
+        finally:
+            gen.close()
+        accepted = [scrape(url, "chat_connections_accepted_total") for url in urls]
+    finally:
+        for node in nodes:
+            node.stop()
+        redis.stop()
+    assert accepted == [10, 10]
+    assert 30 <= int(result["published"]) <= 41  # 40 a second, on a schedule, for 1 s
+    assert (result["lost"], result["seq_gaps"], result["disconnects"]) == ("0", "0", "0")
+    assert int(latency["samples"]) == int(result["published"]) * 20
+    assert float(latency["p50_ms"]) <= float(latency["p99_ms"]) <= float(latency["max_ms"])

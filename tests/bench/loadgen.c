@@ -18,6 +18,13 @@
  *         drain=10 (seconds to wait, after publishing, for what was sent)
  *         count=0 (throughput: stop once this many were published; 0: no limit)
  *         backoff=0.5 (restart: first reconnect delay, doubling to 15 s, +-20%)
+ *         port2=0 (chat: odd-numbered members connect to this port instead,
+ *         a second node of the same room; publishers are members, so half
+ *         publish through each node)
+ *         rate=0 (throughput: publish this many messages per second in
+ *         total, on a fixed schedule, publishers in turn, whatever is in
+ *         flight; each text carries its send time and every delivery's
+ *         latency is recorded: the result adds p50_ms, p99_ms, max_ms)
  *         (sync=1: after "seated", wait for a line on stdin before
  *         publishing, so the runner can sample the server's memory)
  *
@@ -59,7 +66,10 @@ typedef struct {
 } conn_t;
 
 static conn_t *m, *pub;              /* members; redis publishers */
-static int N, P, chat, port, ep;
+static int N, P, chat, port, port2, ep;
+static double rate;                  /* paced publishing, messages/s; 0: window */
+static double *lat;                  /* paced: latency of every delivery, seconds */
+static size_t lat_n, lat_cap;
 static const char *mode;
 static int text_bytes = 100, window = 1, sync_start = 0;
 static long long max_published; /* throughput: stop publishing after this many */
@@ -114,7 +124,8 @@ static int send_resp(int fd, int argc, const char **argv) {
 
 static void open_conn(int idx) {
     conn_t *c = idx < N ? &m[idx] : &pub[idx - N];
-    struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    int to = port2 && idx < N && idx % 2 ? port2 : port;
+    struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons((uint16_t)to)};
     inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr);
     c->fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
     if (c->fd < 0) die("socket");
@@ -210,8 +221,22 @@ static int sender_of(const unsigned char *text, size_t n) {
     return atoi((const char *)text + 1);
 }
 
+/* Paced texts are "P<publisher>.T<send time, microseconds>.xxx". */
+static void record_latency(const unsigned char *text, size_t n) {
+    const unsigned char *t = memmem(text, n < 32 ? n : 32, ".T", 2);
+    if (!t) return;
+    double sent = strtoll((const char *)t + 2, NULL, 10) / 1e6;
+    if (lat_n == lat_cap) {
+        lat_cap = lat_cap ? lat_cap * 2 : 65536;
+        lat = realloc(lat, lat_cap * sizeof *lat);
+        if (!lat) die("realloc");
+    }
+    lat[lat_n++] = now() - sent;
+}
+
 static void got_message(int idx, const unsigned char *text, size_t n) {
     conn_t *c = &m[idx];
+    if (publishing && rate > 0) record_latency(text, n);
     if (publishing) delivered++;
     if (publishing == 1) counted++;
     if (n >= 5 && memcmp(text, "probe", 5) == 0) c->probe = 1;
@@ -477,6 +502,8 @@ int main(int argc, char **argv) {
         else if (!strncmp(argv[i], "drain=", 6)) drain_s = atof(v);
         else if (!strncmp(argv[i], "count=", 6)) max_published = atoll(v);
         else if (!strncmp(argv[i], "backoff=", 8)) backoff_first = atof(v);
+        else if (!strncmp(argv[i], "port2=", 6)) port2 = atoi(v);
+        else if (!strncmp(argv[i], "rate=", 5)) rate = atof(v);
     }
     if (P > N) P = N;
     if (strcmp(mode, "throughput") && strcmp(mode, "restart")) P = chat ? 0 : (P ? 1 : 0);
@@ -558,7 +585,23 @@ int main(int argc, char **argv) {
     /* throughput */
     double start = now(), end_at = start + seconds;
     publishing = 1;
-    while (now() < end_at && (!max_published || published < max_published)) {
+    long long next = 0; /* paced: the next message's number on the schedule */
+    while (rate > 0 && now() < end_at && (!max_published || published < max_published)) {
+        double t = now();
+        while (start + next / rate <= t) {
+            int i = (int)(next++ % P);
+            int fd = chat ? m[i].fd : pub[i].fd;
+            if (fd < 0) continue;
+            char text[8192];
+            int k = snprintf(text, sizeof text, "P%d.T%lld.", i, (long long)(now() * 1e6));
+            while (k < text_bytes) text[k++] = 'x';
+            text[k] = 0;
+            publish(i, text);
+        }
+        double wait = start + next / rate - now();
+        pump(wait > 0.05 ? 0.05 : wait > 0.001 ? wait : 0);
+    }
+    while (rate <= 0 && now() < end_at && (!max_published || published < max_published)) {
         for (int i = 0; i < P; i++)
             while (m[i].inflight < window && (chat ? m[i].fd : pub[i].fd) >= 0 &&
                    (!max_published || published < max_published)) {
@@ -572,6 +615,12 @@ int main(int argc, char **argv) {
     double drain_until = now() + drain_s;
     while (delivered < published * (N - disconnects) && now() < drain_until) pump(0.05);
     long long lost = published * N - delivered;
+    if (rate > 0) { /* before the result line, so a reader of it has both */
+        if (lat_n) qsort(lat, lat_n, sizeof *lat, cmp_double);
+        double p50 = lat_n ? lat[lat_n / 2] : 0, p99 = lat_n ? lat[(size_t)(lat_n * 0.99)] : 0;
+        printf("latency samples=%zu p50_ms=%.3f p99_ms=%.3f max_ms=%.3f\n", lat_n, p50 * 1e3,
+               p99 * 1e3, lat_n ? lat[lat_n - 1] * 1e3 : 0);
+    }
     printf("result mode=throughput proto=%s members=%d publishers=%d bytes=%d window=%d "
            "join_s=%.3f seconds=%.2f deliveries=%lld deliveries_per_s=%.0f MB_per_s=%.1f "
            "published=%lld lost=%lld seq_gaps=%lld disconnects=%lld\n",
