@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "bench"))
+# Appended, not prepended: tests/bench/gateway.py must not hide the gateway
+# package from the test modules collected after this one.
+sys.path.append(str(Path(__file__).resolve().parent / "bench"))
 
 from harness import Loadgen, build_loadgen, start_redis, start_server  # noqa: E402
 
