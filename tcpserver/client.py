@@ -141,7 +141,7 @@ class Session:
             raise
         rejoin = bool(self.label)
         self.conn, self.shutdown, self.label = conn, False, welcome["label"]
-        self._members, self.who_prefix = [], ""  # a /who cut off by the drop
+        self.who_prefix = ""  # a /who cut off by the drop
         self.resume = welcome.get("resume")
         lines, request = self.transcript.welcome(welcome, rejoin)
         self._print(lines)
@@ -158,7 +158,11 @@ class Session:
         if not welcome["more"]:
             self._show_members()
         if request:
-            await conn.send(request)
+            try:
+                await conn.send(request)
+            except OSError:
+                await conn.close()
+                raise
         else:
             self.ready.set()
 
