@@ -13,6 +13,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from tcpserver import protocol
 from tests.conftest import ROOT
 
+# start_redis
+pytest_plugins = ["redis_fixtures"]
+
 METRICS_AT = r"metrics on http://127\.0\.0\.1:(\d+)/metrics"
 
 
@@ -151,3 +154,33 @@ def test_metrics_port_out_of_range_is_a_usage_error():
         cwd=ROOT, capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL)
     assert result.returncode == 2
     assert "port 70000 is out of range" in result.stderr
+
+
+def test_redis_nodes_count_their_own_publications_and_every_stream_event(
+        start_redis, start_server, open_client):
+    redis = start_redis()
+    node_a, port_a = metrics_server(start_server, f"--redis={redis.url}", "--room=metrics")
+    node_b, port_b = metrics_server(start_server, f"--redis={redis.url}", "--room=metrics")
+    ann = open_client(node_a.port, "ann")
+    ben = open_client(node_b.port, "ben")
+    ann.recv_until(lambda m: m.get("member") == ben.label)
+    for i in range(3):
+        ann.send({"type": "say", "text": f"across {i}"})
+    for member in (ann, ben):
+        member.recv_until(lambda m: m.get("text") == "across 2")
+
+    a = wait_value(port_a, "chat_stream_events_total", 5)
+    b = wait_value(port_b, "chat_stream_events_total", 5)
+    # Each node published its own member's events, once; each streamed all
+    # five (two joins, three messages) from Redis.
+    assert value(a, "chat_events_published_total") == 4
+    assert value(b, "chat_events_published_total") == 1
+    assert value(a, "chat_stream_events_total") == value(b, "chat_stream_events_total") == 5
+    assert (value(a, "chat_members"), value(b, "chat_members")) == (1, 1)
+    for samples, publish_calls in ((a, 2), (b, 1)):
+        count = value(samples, "chat_redis_round_trip_seconds_count")
+        assert count >= publish_calls  # one per EVALSHA at least
+        assert value(samples, "chat_redis_round_trip_seconds_bucket", le="+Inf") == count
+        assert value(samples, "chat_redis_round_trip_seconds_sum") > 0
+        assert value(samples, "chat_stream_lag_events") == 0
+        assert value(samples, "chat_deliveries_total") >= 3
