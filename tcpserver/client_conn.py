@@ -32,6 +32,8 @@ _GREETINGS = (
     (b"+OK", "a POP3 server"),
     (b"* OK", "an IMAP server"),
     (b"-ERR", "a Redis server"),
+    # A TLS alert record (content type 21, version 3.x): a TLS port.
+    (b"\x15\x03", "a TLS server; this client speaks plain TCP"),
 )
 # Bytes kept from the start of the stream to judge it.
 _HEAD_BYTES = 16

@@ -375,6 +375,8 @@ def test_the_web_gateways_port_is_named_as_not_a_chat_port(server, tmp_path):
 @pytest.mark.parametrize("junk, looks_like", [
     (b"SSH-2.0-OpenSSH_9.2\r\n", "it answered like an SSH server"),
     (b"garbage\r\n", "it answered with bytes that are not chat protocol frames"),
+    (b"\x15\x03\x03\x00\x02\x02\x32", "it answered like a TLS server; this client speaks "
+     "plain TCP"),
     (b"\x00\x00\x00\x00", "it answered with bytes that are not chat protocol frames"),
     (b"\x00\x00\x00\x05hello", "it answered with something that is not the chat protocol"),
     (b"\x00\x01", "it answered with bytes that are not chat protocol frames"),  # then closes
@@ -392,6 +394,22 @@ def test_a_server_that_answers_junk_is_not_a_chat_port(junk, looks_like):
     line = assert_one_clean_line(result)
     assert line == (f"chatroom: 127.0.0.1:{port} is not a chat server port ({looks_like}); "
                     "the chat port is --port, default 10000")
+
+
+def test_a_silent_peer_gets_a_hint_about_the_port():
+    def script(sock, decoder):
+        read_message(sock, decoder)  # the hello, then nothing until the client leaves
+        sock.settimeout(RUN_TIMEOUT)
+        assert sock.recv(1) == b""
+
+    port, thread, failures = fake_server(script)
+    result = run_piped(port, "bob", "hello\n")
+    thread.join(10)
+    assert not failures, failures
+    assert result.returncode == 1
+    assert assert_one_clean_line(result) == (
+        f"chatroom: no welcome from 127.0.0.1:{port} within 10 s; is it the chat port? "
+        "(--port, default 10000)")
 
 
 @pytest.mark.parametrize("head, complete, verdict", [
