@@ -213,9 +213,10 @@ class Session:
         bad: protocol.FrameError | None = None
         try:
             decoder.receive_data(data)
-            next_payload = decoder.next_payload
-            while (payload := next_payload()) is not None:
-                payloads.append(payload)
+            payloads = decoder.payloads()
+            # Nothing whole is left now: this finds a bad length that
+            # stopped the first call (its frames are relayed first).
+            decoder.payloads()
             self._carry = look and decoder.buffered > 0
             if look:
                 for payload in payloads:

@@ -345,6 +345,29 @@ async def test_a_killed_chat_server_closes_1011_not_like_a_shutdown(gateway_clie
     assert metric(app, "gateway_session_closes_total", reason="server_closed") == 1
 
 
+async def test_frames_before_a_bad_one_are_relayed_then_1011(gateway_client):
+    """A server that sends two good frames and a bad length in one write."""
+
+    async def handle(reader, writer):
+        await reader.read(100)  # the hello
+        good = [protocol.encode_frame({"type": "ping", "token": t}) for t in ("a", "b")]
+        writer.write(b"".join(good) + struct.pack("!I", 0))
+        await writer.drain()
+        await reader.read(100)  # until the gateway hangs up
+        writer.close()
+
+    fake = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with fake:
+        client = await gateway_client(fake.sockets[0].getsockname()[1])
+        async with client.ws_connect("/ws") as ws:
+            await ws.send_json({"type": "hello", "name": "web"})
+            seen, msg = await recv_all(ws)
+            assert [m["token"] for m in seen] == ["a", "b"]
+            assert (msg.type, msg.data, msg.extra) == (
+                WSMsgType.CLOSE, aiohttp.WSCloseCode.INTERNAL_ERROR,
+                "the chat server sent a bad frame")
+
+
 async def test_a_reset_chat_connection_closes_1011(gateway_client):
     """A server that answers, then resets the connection (SO_LINGER 0)."""
 

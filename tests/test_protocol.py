@@ -42,6 +42,27 @@ def test_one_byte_at_a_time_round_trip():
     assert [protocol.parse_client_message(p) for p in payloads] == SAMPLES
 
 
+def test_payloads_gives_what_next_payload_gives_in_one_call():
+    stream = b"".join(protocol.encode_frame(m) for m in SAMPLES)
+    for cut in range(len(stream) + 1):
+        decoder = FrameDecoder()
+        decoder.receive_data(stream[:cut])
+        got = decoder.payloads()
+        decoder.receive_data(stream[cut:])
+        got += decoder.payloads()
+        assert got == [protocol.encode_payload(m) for m in SAMPLES], cut
+        assert decoder.payloads() == [] and decoder.buffered == 0
+
+
+def test_payloads_before_a_bad_length_are_kept_then_it_raises():
+    decoder = FrameDecoder(max_frame_size=100)
+    good = protocol.encode_frame({"type": "ping"})
+    decoder.receive_data(good + good + struct.pack("!I", 101) + b"x" * 101)
+    assert decoder.payloads() == [good[4:], good[4:]]
+    with pytest.raises(FrameError):
+        decoder.payloads()
+
+
 def test_trailing_partial_frame_is_kept_for_later():
     frame = protocol.encode_frame({"type": "who"})
     decoder = FrameDecoder()
