@@ -428,6 +428,42 @@ def test_a_line_cut_off_by_a_drop_is_resent_even_if_its_text_was_said_before(pip
     assert shown(bob, r"bob@10.0.0.1: same$") == 2, bob.text()
 
 
+def test_a_port_that_stops_being_a_chat_server_ends_the_reconnecting(piped):
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10)
+    failures: list[BaseException] = []
+
+    def serve():
+        try:
+            with listener:
+                sock, _ = listener.accept()
+                with sock:
+                    read_message(sock, protocol.FrameDecoder())  # hello
+                    label = "bob@10.0.0.1"
+                    sock.sendall(protocol.encode_frame(
+                        {"type": "welcome", "name": "bob", "label": label, "epoch": "e1",
+                         "last_seq": 0, "members": [label], "more": False, "history": 0}))
+                # Dropped; now something else has the port.
+                sock, _ = listener.accept()
+                with sock:
+                    sock.recv(65536)
+                    sock.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        except BaseException as exc:  # reported by the test
+            failures.append(exc)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    port = listener.getsockname()[1]
+    bob = piped(port, "bob")
+    assert bob.wait() == 1
+    thread.join(10)
+    assert not failures, failures
+    assert bob.text("err").splitlines() == [
+        "! the connection was lost; reconnecting (Ctrl-C to stop)",
+        f"! 127.0.0.1:{port} is no longer a chat server (it answered like an HTTP server, "
+        "such as the web gateway)"]
+
+
 def read_message(sock, decoder) -> dict:
     while (payload := decoder.next_payload()) is None:
         data = sock.recv(65536)
