@@ -43,6 +43,7 @@ import time
 from typing import Any, Callable
 
 from tcpserver import protocol, resp
+from tcpserver.redisscripts import ADOPT, PUBLISH
 from tcpserver.roomlog import RoomLog, new_epoch
 
 log = logging.getLogger(__name__)
@@ -58,47 +59,6 @@ READ_COUNT = 1000
 # A number no room reaches: the payload is split around it.
 _SENTINEL = 10**15
 _SEQ_MARK = b'"seq":%d' % _SENTINEL
-
-# Shared by every script that publishes (KEYS[2] = seq, KEYS[3] = stream,
-# ARGV[2] = retain): the next seq, spliced between the payload's two halves,
-# appended as entry 0-<seq>.  The stream holds JSON payloads; each node
-# frames them with tcpserver.protocol, the one codec (no second encoder of
-# the length header lives in Lua).
-PUBLISH_ONE = """
-local function publish(head, tail)
-  local seq = redis.call('INCR', KEYS[2])
-  local payload = head .. seq .. tail
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '0-' .. seq,
-             'f', payload)
-  return seq
-end
-"""
-
-PUBLISH = """
--- KEYS: epoch, seq, stream.  ARGV: epoch, retain, then (prefix, suffix) pairs.
-""" + PUBLISH_ONE + """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then
-  return redis.error_reply('EPOCH the room epoch changed')
-end
-local seq
-for i = 3, #ARGV, 2 do
-  seq = publish(ARGV[i], ARGV[i + 1])
-end
-return seq
-"""
-
-
-ADOPT = """
--- KEYS: epoch, seq, stream, names, index.  ARGV: the epoch lost, a new one.
--- The first node to notice starts the new transcript; the others adopt it.
-local cur = redis.call('GET', KEYS[1])
-if cur == false or cur == ARGV[1] then
-  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
-  redis.call('SET', KEYS[1], ARGV[2])
-  return ARGV[2]
-end
-return cur
-"""
 
 
 class Script:
@@ -146,6 +106,7 @@ class RedisLog(RoomLog):
         self.up_hooks: list[Callable[[], None]] = []
         self.tick_hooks: list[Callable[[float], None]] = []
         self.close_hooks: list[Callable[[], None]] = []
+        self.flush_hooks: list[Callable[[], None]] = []  # last commands of a turn
         self.stats.redis = True
         self.cmd: resp.RedisConnection | None = None
         self.reader: resp.RedisConnection | None = None
@@ -282,7 +243,7 @@ class RedisLog(RoomLog):
 
             self._publish.run(self.cmd, [self.key("epoch"), self.key("seq"),
                                          self.key("stream")], args, published)
-            self.cmd.flush()
+            self.flush()
         delivered, self._delivered = self._delivered, []
         return delivered
 
@@ -345,6 +306,8 @@ class RedisLog(RoomLog):
         return True
 
     def flush(self) -> None:
+        for hook in self.flush_hooks:
+            hook()
         self.cmd.flush()
         self.reader.flush()
 

@@ -35,7 +35,8 @@ from typing import Any, Callable
 
 from tcpserver import protocol, resp
 from tcpserver.presence import Claim, Presence
-from tcpserver.redislog import PUBLISH_ONE, RedisLog, Script
+from tcpserver.redislog import RedisLog, Script
+from tcpserver.redisscripts import CLAIM, REAP, RELEASE, ROSTER, SYNC, WHO
 from tcpserver.rules import WHO_PAGE, WHO_PAGE_MAX, now_ms
 
 log = logging.getLogger(__name__)
@@ -50,126 +51,6 @@ REAP_EVERY = 2.0
 REAP_GRACE = resp.BACKOFF_MAX + NODE_TTL_MS / 1000
 # Private frames kept per node inbox (MAXLEN ~): it is read at once.
 INBOX_RETAIN = 10_000
-
-_SPLIT = "local n, tok, label = string.match(v, '^([^\\n]*)\\n([^\\n]*)\\n(.*)$')\n"
-
-CLAIM = """
--- KEYS: names, index.  ARGV: prefix, node, key, value, resume, announce_limit.
-local v = redis.call('HGET', KEYS[1], ARGV[3])
-local out = {1, 0, '', '', ''}
-if v then
-""" + _SPLIT + """
-  if ARGV[5] == '' or tok ~= ARGV[5] then return {0} end
-  redis.call('SREM', ARGV[1] .. 'node:' .. n .. ':members', ARGV[3])
-  out[3], out[4], out[5] = n, tok, label
-end
-redis.call('HSET', KEYS[1], ARGV[3], ARGV[4])
-redis.call('ZADD', KEYS[2], 0, ARGV[3])
-redis.call('SADD', ARGV[1] .. 'node:' .. ARGV[2] .. ':members', ARGV[3])
-out[2] = redis.call('HLEN', KEYS[1])
-if out[2] <= tonumber(ARGV[6]) then
-  for _, x in ipairs(redis.call('HGETALL', KEYS[1])) do out[#out + 1] = x end
-end
-return out
-"""
-
-RELEASE = """
--- KEYS: names, index.  ARGV: prefix, node, key, token.
-local v = redis.call('HGET', KEYS[1], ARGV[3])
-if v then
-""" + _SPLIT + """
-  if tok == ARGV[4] then
-    redis.call('HDEL', KEYS[1], ARGV[3])
-    redis.call('ZREM', KEYS[2], ARGV[3])
-    redis.call('SREM', ARGV[1] .. 'node:' .. n .. ':members', ARGV[3])
-  end
-end
-return redis.call('HLEN', KEYS[1])
-"""
-
-SYNC = """
--- KEYS: epoch, seq, stream, names, index.  ARGV: epoch, retain, prefix, node,
--- ts, announce_limit, then (key, value) pairs: this node's members now.
--- Run on each reconnect: puts back members that are missing (returns their
--- keys), and takes out, with a leave, those that left while Redis was away.
-""" + PUBLISH_ONE + """
-local live = redis.call('GET', KEYS[1]) == ARGV[1]
-local set = ARGV[3] .. 'node:' .. ARGV[4] .. ':members'
-local mine, missing = {}, {}
-for i = 7, #ARGV, 2 do
-  mine[ARGV[i]] = true
-  if redis.call('HSETNX', KEYS[4], ARGV[i], ARGV[i + 1]) == 1 then
-    redis.call('ZADD', KEYS[5], 0, ARGV[i])
-    missing[#missing + 1] = ARGV[i]
-  end
-  if redis.call('HGET', KEYS[4], ARGV[i]) == ARGV[i + 1] then
-    redis.call('SADD', set, ARGV[i])
-  end
-end
-for _, key in ipairs(redis.call('SMEMBERS', set)) do
-  if not mine[key] then
-    redis.call('SREM', set, key)
-    local v = redis.call('HGET', KEYS[4], key)
-    if v then
-""" + _SPLIT + """
-      if n == ARGV[4] then
-        redis.call('HDEL', KEYS[4], key)
-        redis.call('ZREM', KEYS[5], key)
-        if live and redis.call('HLEN', KEYS[4]) < tonumber(ARGV[6]) then
-          publish('{"type":"leave","member":' .. label .. ',"reason":"hung_up","ts":'
-                  .. ARGV[5] .. ',"seq":', '}')
-        end
-      end
-    end
-  end
-end
-return missing
-"""
-
-REAP = """
--- KEYS: epoch, seq, stream, nodes, names, index.
--- ARGV: epoch, retain, prefix, ts, announce_limit, reason, node ('' = every
--- node whose alive key is gone).  Returns how many members left.
-""" + PUBLISH_ONE + """
-local gone = 0
-local nodes = redis.call('SMEMBERS', KEYS[4])
-if ARGV[7] ~= '' then nodes = {ARGV[7]} end
-local live = redis.call('GET', KEYS[1]) == ARGV[1]
-for _, node in ipairs(nodes) do
-  local base = ARGV[3] .. 'node:' .. node
-  if ARGV[7] ~= '' or redis.call('EXISTS', base .. ':alive') == 0 then
-    for _, key in ipairs(redis.call('SMEMBERS', base .. ':members')) do
-      local v = redis.call('HGET', KEYS[5], key)
-      if v then
-""" + _SPLIT + """
-        if n == node then
-          redis.call('HDEL', KEYS[5], key)
-          redis.call('ZREM', KEYS[6], key)
-          gone = gone + 1
-          if live and redis.call('HLEN', KEYS[5]) < tonumber(ARGV[5]) then
-            publish('{"type":"leave","member":' .. label .. ',"reason":"' .. ARGV[6]
-                    .. '","ts":' .. ARGV[4] .. ',"seq":', '}')
-          end
-        end
-      end
-    end
-    redis.call('DEL', base .. ':members', base .. ':inbox', base .. ':alive')
-    redis.call('SREM', KEYS[4], node)
-  end
-end
-return gone
-"""
-
-WHO = """
--- KEYS: names, index.  ARGV: min, max, count.  Returns {HLEN, key, value, ...}.
-local out = {redis.call('HLEN', KEYS[1])}
-for _, key in ipairs(redis.call('ZRANGEBYLEX', KEYS[2], ARGV[1], ARGV[2], 'LIMIT', 0,
-                                ARGV[3])) do
-  out[#out + 1] = key
-  out[#out + 1] = redis.call('HGET', KEYS[1], key) or ''
-end
-return out
-"""
 
 
 def _label(value: bytes) -> str:
@@ -188,12 +69,17 @@ class RedisPresence(Presence):
         self._next_beat = 0.0
         self._next_reap = 0.0
         self._scripts = {name: Script(src) for name, src in
-                         (("claim", CLAIM), ("release", RELEASE), ("sync", SYNC),
-                          ("reap", REAP), ("who", WHO))}
+                         (("claim", CLAIM), ("roster", ROSTER), ("release", RELEASE),
+                          ("sync", SYNC), ("reap", REAP), ("who", WHO))}
         roomlog.extra_streams[self.key("inbox")] = ["0-0", self._on_inbox]
         roomlog.up_hooks.append(self._on_up)
         roomlog.tick_hooks.append(self.tick)
         roomlog.close_hooks.append(self.close)
+        roomlog.flush_hooks.append(self._ask_roster)
+        # Claims made this turn: [done, Claim once answered].  One ROSTER
+        # after them all serves every welcome of the turn: a join storm
+        # costs one member list per turn, not one per join.
+        self._batch: list[list] = []
         self._first_up = True
 
     def key(self, name: str) -> str:
@@ -282,29 +168,54 @@ class RedisPresence(Presence):
         return f"{self.node}\n{token}\n{json.dumps(label, ensure_ascii=False)}"
 
     def claim(self, client, key, label, token, resume, done) -> None:
+        entry: list = [done, None]
+        self._batch.append(entry)
+
         def reply(result: Any) -> None:
-            if isinstance(result, Exception):
-                log.warning("claim of %r failed: %s", key, result)
-                return done(Claim(error="room_unavailable"))
-            if result[0] == 0:
-                return done(Claim(error="name_taken"))
-            self._count = result[1]
-            node, old_token, old_label = (x.decode() for x in result[2:5])
-            replaced = None
-            if node and node != self.node:
-                replaced = json.loads(old_label)
-                # The stale connection is on another node: tell it to let go.
-                self.log.cmd.command("XADD", self.log.key(f"node:{node}:inbox"), "MAXLEN",
-                                     "~", INBOX_RETAIN, "*", "t", key, "drop", old_token)
-            labels = None
-            if len(result) > 5:
-                pairs = sorted(zip(result[5::2], result[6::2]))
-                labels = [_label(value) for _, value in pairs]
-            done(Claim(count=result[1], labels=labels, replaced=replaced))
+            entry[1] = self._claim_of(key, result)
 
         self._run("claim", ["names", "index"],
-                  [self.log.prefix, self.node, key, self._value(label, token), resume or "",
-                   self.room.limits.announce_limit], reply)
+                  [self.log.prefix, self.node, key, self._value(label, token), resume or ""],
+                  reply)
+
+    def _ask_roster(self) -> None:
+        if not self._batch:
+            return
+        batch, self._batch = self._batch, []
+
+        def reply(result: Any) -> None:
+            labels, count = None, None
+            if not isinstance(result, Exception):
+                count = self._count = result[0]
+                if len(result) > 1 or count == 0:
+                    pairs = sorted(zip(result[1::2], result[2::2]))
+                    labels = [_label(value) for _, value in pairs]
+            # Replies come in order: every claim of the batch is answered.
+            for done, claim in batch:
+                if claim is None:
+                    claim = Claim(error="room_unavailable")
+                elif claim.error is None:
+                    claim = Claim(count=count or claim.count, labels=labels,
+                                  replaced=claim.replaced)
+                done(claim)
+
+        self._run("roster", ["names"], [self.room.limits.announce_limit], reply)
+
+    def _claim_of(self, key: str, result: Any) -> Claim:
+        if isinstance(result, Exception):
+            log.warning("claim of %r failed: %s", key, result)
+            return Claim(error="room_unavailable")
+        if result[0] == 0:
+            return Claim(error="name_taken")
+        self._count = result[1]
+        node, old_token, old_label = (x.decode() for x in result[2:5])
+        replaced = None
+        if node and node != self.node:
+            replaced = json.loads(old_label)
+            # The stale connection is on another node: tell it to let go.
+            self.log.cmd.command("XADD", self.log.key(f"node:{node}:inbox"), "MAXLEN",
+                                 "~", INBOX_RETAIN, "*", "t", key, "drop", old_token)
+        return Claim(count=result[1], replaced=replaced)
 
     def release(self, client) -> None:
         self._count = max(0, self._count - 1)
