@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-# Appended, not prepended: tests/bench/gateway.py must not hide the gateway
+# Appended, not prepended: a bench module must never hide a package
 # package from the test modules collected after this one.
 sys.path.append(str(Path(__file__).resolve().parent / "bench"))
 

@@ -1,7 +1,7 @@
 """Gateway relay benchmark: WebSocket sessions through the web gateway, and
 through websockify in front of the same chat server, in one run.
 
-    python tests/bench/gateway.py [--sessions 100] [--publishers 10]
+    python tests/bench/relay.py [--sessions 100] [--publishers 10]
                                   [--window 32] [--text-bytes 100]
                                   [--seconds 5] [--workers 1]
                                   [--no-websockify] [--baseline CHECKOUT]
