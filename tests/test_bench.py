@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-# Appended, not prepended: a bench module must never hide a package
-# package from the test modules collected after this one.
+# Appended, not prepended, and no bench module is named like a package: the
+# editable install's import hook runs after sys.path, so a tests/bench module
+# called gateway.py would hide the real package from every later test.
 sys.path.append(str(Path(__file__).resolve().parent / "bench"))
 
 from harness import Loadgen, build_loadgen, start_redis, start_server  # noqa: E402
