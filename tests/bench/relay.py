@@ -221,9 +221,11 @@ async def load(url: str, binary: bool, args, prefix: str, pid: int, server_pid: 
                                   say if i < args.publishers else None, args.window)
 
         started = time.monotonic()
+        join_cpu = cpu_seconds(pid), cpu_seconds(server_pid)
         members = await asyncio.wait_for(
             asyncio.gather(*(one(i) for i in range(args.sessions))), JOIN_TIMEOUT)
         joined_s = time.monotonic() - started
+        join_cpu = cpu_seconds(pid) - join_cpu[0], cpu_seconds(server_pid) - join_cpu[1]
         readers = [asyncio.create_task(m.run()) for m in members]
         await asyncio.sleep(1.0)  # let the join bursts settle
         pss_joined = pss_kib(pid)
@@ -260,6 +262,8 @@ async def load(url: str, binary: bool, args, prefix: str, pid: int, server_pid: 
         "published": published,
         "lost": lost,
         "join_s": round(joined_s, 2),
+        "join_cpu_s": round(join_cpu[0], 2),  # the relay's, while they joined
+        "join_server_cpu_s": round(join_cpu[1], 2),
         "cpu_pct": round(100 * cpu / elapsed),
         # On a shared machine a process gets a share of the cores, not what
         # it asks for; deliveries per CPU second of the target compare the
@@ -287,6 +291,9 @@ def main() -> int:
     parser.add_argument("--baseline", metavar="CHECKOUT",
                         help="also measure the gateway of another checkout (e.g. a git "
                         "worktree of an older commit) against the same server")
+    parser.add_argument("--baseline-option", action="append", default=[], metavar="OPT",
+                        help="an option for the baseline gateway, e.g. --loop=asyncio; "
+                        "repeatable (without --baseline: this checkout's gateway)")
     parser.add_argument("--profile", metavar="PATH",
                         help="run the gateway (one worker) under cProfile, stats to PATH")
     args = parser.parse_args()
@@ -336,8 +343,9 @@ def main() -> int:
             profile = ["-m", "cProfile", "-o", args.profile] if args.profile else []
             workers = [f"--workers={args.workers}"] if args.workers > 1 else []
             gateway_run("gateway", ROOT, profile, workers)
-            if args.baseline:
-                gateway_run("baseline", Path(args.baseline).resolve(), [], [])
+            if args.baseline or args.baseline_option:
+                gateway_run("baseline", Path(args.baseline or ROOT).resolve(), [],
+                            args.baseline_option)
 
             if websockify:
                 ws_port = free_port()
