@@ -214,9 +214,10 @@ class Session:
         try:
             decoder.receive_data(data)
             payloads = decoder.payloads()
-            # Nothing whole is left now: this finds a bad length that
-            # stopped the first call (its frames are relayed first).
-            decoder.payloads()
+            if payloads and decoder.buffered >= protocol.HEADER.size:
+                # A length header is left: this finds a bad one that stopped
+                # the first call (the frames before it are relayed first).
+                decoder.payloads()
             self._carry = look and decoder.buffered > 0
             if look:
                 for payload in payloads:
