@@ -415,6 +415,9 @@ class ChatServer:
     def follow(self, client: Client) -> None:
         client.pos = self.stream.end
         self.streaming.add(client)
+        # Joined: the hello timeout no longer applies.  Without this every
+        # member would be woken once, hello_timeout after it connected.
+        self.deadlines.reschedule(client, self._next_deadline(client))
 
     def leaving(self, client: Client) -> None:
         self._leaving.append(client)
@@ -476,6 +479,8 @@ class ChatServer:
                     self._flush(client)
             except Exception:
                 self._internal_error(client)
+        if not self.stream.buffered:
+            return  # nothing to trim: an idle turn must not visit every member
         if self.streaming:
             self.stream.trim(min(c.pos for c in self.streaming))
         else:

@@ -65,9 +65,11 @@ class Limits:
     max_per_ip: int = 32
     # Connections from trusted proxies that have not said hello yet: they
     # are not counted per address until hello, so they get a bound of their
-    # own.  Room for a reconnect storm of a thousand browsers through one
-    # gateway and its health probes, far below max_clients.
-    max_pending_proxied: int = 1000
+    # own.  Half of max_clients: a proxy's bug cannot take every seat, and a
+    # reconnect storm of thousands of browsers through one gateway (which
+    # connects before the browser's hello arrives) still fits.  Loopback is
+    # trusted by default, so a bulk load from this host meets it too.
+    max_pending_proxied: int = 5000
     # A real client says hello at once; 10 s allows for a slow mobile link.
     hello_timeout: float = 10.0
     # Silence for half of this draws a ping; for all of it, a disconnect.

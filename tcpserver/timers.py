@@ -37,6 +37,15 @@ class Deadlines:
             client.timer_at = when
             heapq.heappush(self._heap, (when, next(self._order), client))
 
+    def reschedule(self, client: Client, when: float) -> None:
+        """Move the client's deadline to ``when``, later or earlier: its old
+        entry becomes stale and costs only a pop.  For a deadline known to
+        move much later (a client that joined no longer has a hello timeout),
+        so that it is not woken for nothing."""
+        if when != client.timer_at:
+            client.timer_at = when
+            heapq.heappush(self._heap, (when, next(self._order), client))
+
     def next_time(self) -> float | None:
         """The earliest entry's time (it may be a stale one), or None."""
         return self._heap[0][0] if self._heap else None

@@ -4,6 +4,7 @@ members keep chatting and lose nothing that was accepted."""
 import random
 import socket
 import struct
+import threading
 import time
 
 import pytest
@@ -323,3 +324,71 @@ def test_quit_waits_its_turn_behind_frames_over_the_rate(start_server, open_clie
         f"hasty {i}" for i in range(5)]
     seen = bob.recv_until(lambda m: m["type"] == "leave")[1]
     assert [m for m in seen if m["type"] == "error"] == []
+
+
+def test_a_connection_flood_from_one_address_does_not_stall_the_room(start_server,
+                                                                    open_client):
+    # Loopback untrusted, so the flood meets the per-address limit as a
+    # remote host's would: five seats for the members, five for the flood.
+    server = start_server("--max-per-ip=10", "--trusted-proxy=192.0.2.1/32",
+                          "--log-level=info")
+    members = [open_client(server.port, f"m{i}") for i in range(5)]
+    for member in members[:-1]:
+        member.recv_until(lambda m: m.get("member") == "m4@127.0.0.1")
+    flood_total = 3000
+    made = []
+
+    def flood() -> None:
+        opened = []
+        deadline = time.monotonic() + 60
+        for _ in range(flood_total):
+            if time.monotonic() > deadline:
+                break
+            try:
+                opened.append(socket.create_connection(("127.0.0.1", server.port), timeout=2))
+                made.append(1)
+            except OSError:
+                pass
+            if len(opened) > 20:
+                opened.pop(0).close()  # each closed shortly after
+        for sock in opened:
+            sock.close()
+
+    flooder = threading.Thread(target=flood)
+    flooder.start()
+    try:
+        rounds = 0
+        while flooder.is_alive() and rounds < 200 or rounds < 10:
+            for member in members:
+                member.send({"type": "say", "text": f"{member.label} {rounds}"})
+            for member in members:  # everyone gets the round, in order
+                got = [m["text"] for m in room_messages(member, len(members))]
+                assert sorted(got) == sorted(f"{m.label} {rounds}" for m in members)
+            rounds += 1
+    finally:
+        flooder.join(90)
+    assert len(made) > 1000
+    # The server still takes a new member once the flood's seats are free.
+    deadline = time.monotonic() + 10
+    while True:
+        late = open_client(server.port)
+        late.send({"type": "hello", "name": "late"})
+        reply = late.recv_until(lambda m: m["type"] in ("welcome", "error"))[0]
+        if reply["type"] == "welcome" or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert reply["type"] == "welcome", reply
+    chat_survives(members[0], late, "after the flood")
+    # Refusals are logged with a count, not one line each.
+    warnings = server.log_text().count(" WARNING refused")
+    assert 0 < warnings < len(made) / 2
+
+
+def room_messages(client, count: int) -> list[dict]:
+    """The next ``count`` messages (other frames skipped)."""
+    got = []
+    while len(got) < count:
+        msg = client.recv(timeout=20)
+        if msg["type"] == "message":
+            got.append(msg)
+    return got
