@@ -9,9 +9,11 @@ room goes out as soon as it is read.
 
 The path is short on purpose.  The event loop hands each read from the chat
 server to ``Upstream.data_received``, which decodes every whole frame in it
-and appends the payloads to one backlog (a deque) in that same callback;
-one sender task drains the backlog with one ``send_frame`` per batch.  No
-queue hop or task switch per frame, one copy out of the frame decoder.
+at once (``FrameDecoder.payloads``) and appends the payloads to the open
+batch of one backlog (a deque of batches) in that same callback; one sender
+task takes the batches in order, with one ``send_frame`` each.  No queue
+hop or task switch per frame, one copy out of the frame decoder and one into
+the message.
 
 Backpressure, in frames: when a read arrives while ``queue_size`` frames
 from earlier reads are still waiting (the browser stopped taking them), the
@@ -322,6 +324,8 @@ class Session:
             # browser fails the whole connection on a bad text message.
             if not batch.isascii():
                 batch = self._valid_utf8(batch)
+                if not batch:
+                    continue
             try:
                 await self.ws.send_frame(batch, WSMsgType.TEXT)
             except ConnectionError:

@@ -368,6 +368,25 @@ async def test_frames_before_a_bad_one_are_relayed_then_1011(gateway_client):
                 "the chat server sent a bad frame")
 
 
+async def test_a_frame_that_is_not_utf8_is_skipped_not_relayed(gateway_client):
+    """A browser fails the whole connection on a bad text message."""
+
+    async def handle(reader, writer):
+        await reader.read(100)  # the hello
+        ping = protocol.encode_frame({"type": "ping", "token": "ü"})
+        writer.write(ping + protocol.frame_payload(b'{"type":"ping","token":"\xff"}') + ping)
+        await writer.drain()
+        await reader.read(100)
+        writer.close()
+
+    fake = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with fake:
+        client = await gateway_client(fake.sockets[0].getsockname()[1])
+        async with client.ws_connect("/ws") as ws:
+            await ws.send_json({"type": "hello", "name": "web"})
+            assert [(await recv_json(ws))["token"] for _ in range(2)] == ["ü", "ü"]
+
+
 async def test_a_reset_chat_connection_closes_1011(gateway_client):
     """A server that answers, then resets the connection (SO_LINGER 0)."""
 
