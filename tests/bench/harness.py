@@ -129,15 +129,19 @@ def start_server(tmp: Path, members: int, *extra: str, port: int = 0,
     """The chat server on loopback with room for ``members`` and no rate limit.
 
     Without a ``--db`` in ``extra`` it gets a new SQLite file in ``tmp``
-    (never the user's own room), as a server does by default.
+    (never the user's own room), as a server does by default.  The load
+    generator's members stand for many direct TCP clients, not a gateway's
+    browsers, so loopback is not a trusted proxy here (192.0.2.1 is a
+    documentation address, RFC 5737, that never connects): they are counted
+    by --max-per-ip, not by the proxies' --max-pending-proxied.
     """
     if not any(arg.startswith("--db") for arg in extra):
         extra = (f"--db={tmp / f'room-{time.monotonic_ns()}.db'}", *extra)
     argv = [sys.executable, "-m", "tcpserver", "--name=server", f"--port={port}",
             f"--max-per-ip={members + 100}", f"--max-clients={members + 100}",
-            # Loopback is a trusted proxy: its connections before hello have
-            # their own bound, which a storm from this host must not meet.
-            f"--max-pending-proxied={members + 100}",
+            # Should a caller trust loopback again, its storm must not meet
+            # the proxies' own bound before hello either.
+            f"--max-pending-proxied={members + 100}", "--trusted-proxy=192.0.2.1",
             "--msg-rate=1e9", "--msg-burst=1000000000", *extra]
     server = Process(argv, tmp / log_name, r"listening on \S+:(\d+)")
     server.port = int(server.match.group(1))
