@@ -261,6 +261,9 @@ class RedisConnection:
             if not self._callbacks:
                 return self._fail("a reply nobody asked for")
             callback, _ = self._callbacks.popleft()
+            # A reply proves the connection alive: the next one is timed
+            # from now (and a callback may queue a command, e.g. XREAD).
+            self._deadline = None
             _call(callback, reply)
             if self.state != "up":  # the callback closed us
                 return

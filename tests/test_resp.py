@@ -149,3 +149,20 @@ def test_blocking_call_for_start_up(start_redis):
     redis.kill()
     with pytest.raises(OSError):
         resp.call(address, ("PING",))
+
+
+def test_a_connection_that_keeps_answering_is_never_timed_out(start_redis, loop):
+    redis = start_redis()
+    conn = loop.connect(redis.url)
+    loop.until(lambda: conn.up)
+    replies = []
+
+    def again(reply):
+        # Like the stream reader: each reply queues the next blocking read.
+        replies.append(reply)
+        conn.command("BLPOP", "nothing", 0.1, callback=again, timeout=0.3)
+
+    conn.command("BLPOP", "nothing", 0.1, callback=again, timeout=0.3)
+    loop.until(lambda: len(replies) >= 8)  # 8 x 0.1 s: well past one timeout
+    assert all(reply is None for reply in replies), replies
+    assert conn.up
