@@ -95,6 +95,9 @@ class RedisLog(RoomLog):
         self.retain = retain
         self._publish = Script(PUBLISH)
         self._adopt_script = Script(ADOPT)
+        # Loaded on every new connection before anything else is sent, so
+        # EVALSHA meets NOSCRIPT only after a SCRIPT FLUSH.
+        self.scripts = [self._publish, self._adopt_script]
         self._delivered: list[bytes] = []
         self._failed: list[object] = []
         self._reset = False
@@ -148,7 +151,8 @@ class RedisLog(RoomLog):
         self.tick(0.0)
 
     def _cmd_up(self) -> None:
-        self.cmd.command("SCRIPT", "LOAD", PUBLISH)
+        for script in self.scripts:
+            self.cmd.command("SCRIPT", "LOAD", script.source)
         self.cmd.command("MGET", self.key("epoch"), self.key("seq"), callback=self._check_epoch)
 
     def _run_up_hooks(self) -> None:

@@ -71,6 +71,7 @@ class RedisPresence(Presence):
         self._scripts = {name: Script(src) for name, src in
                          (("claim", CLAIM), ("roster", ROSTER), ("release", RELEASE),
                           ("sync", SYNC), ("reap", REAP), ("who", WHO))}
+        roomlog.scripts.extend(self._scripts.values())
         roomlog.extra_streams[self.key("inbox")] = ["0-0", self._on_inbox]
         roomlog.up_hooks.append(self._on_up)
         roomlog.tick_hooks.append(self.tick)
@@ -190,11 +191,14 @@ class RedisPresence(Presence):
                 if len(result) > 1 or count == 0:
                     pairs = sorted(zip(result[1::2], result[2::2]))
                     labels = [_label(value) for _, value in pairs]
-            # Replies come in order: every claim of the batch is answered.
-            for done, claim in batch:
+            for entry in batch:
+                done, claim = entry
                 if claim is None:
-                    claim = Claim(error="room_unavailable")
-                elif claim.error is None:
+                    # Its reply is still to come (it was re-sent as EVAL
+                    # after NOSCRIPT): the next turn's roster serves it.
+                    self._batch.append(entry)
+                    continue
+                if claim.error is None:
                     claim = Claim(count=count or claim.count, labels=labels,
                                   replaced=claim.replaced)
                 done(claim)

@@ -9,7 +9,9 @@ import urllib.error
 import urllib.request
 
 import pytest
-from conftest import Program
+from conftest import Program, RawClient
+
+from tcpserver import protocol, resp
 
 pytest_plugins = ["redis_fixtures"]
 
@@ -318,3 +320,27 @@ def test_the_gateways_health_is_503_while_redis_is_down(start_redis, tmp_path):
         wait_for(200)
     finally:
         room.kill()
+
+
+def test_a_join_storm_after_script_flush_welcomes_everyone(start_redis, node):
+    # SCRIPT FLUSH makes every EVALSHA meet NOSCRIPT and go again as EVAL,
+    # later than the commands queued meanwhile: a turn's member list must
+    # still wait for every claim of that turn.
+    redis = start_redis()
+    a = node(redis)
+    members = []
+    try:
+        for round_ in range(3):
+            assert resp.call(resp.RedisAddress(redis.url), ("SCRIPT", "FLUSH")) == [b"OK"]
+            batch = [RawClient(a.port) for _ in range(40)]
+            members += batch
+            hellos = [protocol.encode_frame({"type": "hello", "name": f"r{round_}m{i}"})
+                      for i in range(len(batch))]
+            for client, hello in zip(batch, hellos):
+                client.send_raw(hello)
+            for client in batch:
+                assert client.recv_until(lambda m: m["type"] in ("welcome", "error"))[0]["type"] \
+                    == "welcome"
+    finally:
+        for client in members:
+            client.close()
