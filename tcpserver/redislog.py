@@ -302,6 +302,14 @@ class RedisLog(RoomLog):
             self._recent.append((seq, frame))
             self._delivered.append(frame)
             self._last_seq = seq
+        if entries:
+            # The newest event's age as it is delivered: one look per read.
+            payload = entries[-1][1][1]
+            at = payload.rfind(b'"ts":')
+            if at >= 0:
+                digits = payload[at + 5:at + 25].split(b",", 1)[0].split(b"}", 1)[0]
+                if digits.isdigit():
+                    self.stats.stream_lag_seconds = max(0, time.time() * 1000 - int(digits)) / 1000
 
     # --- the loop's hooks ------------------------------------------------------------
 

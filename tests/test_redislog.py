@@ -98,3 +98,16 @@ def test_a_publish_that_fails_hands_its_owner_back(start_redis, driven):
     assert d.log.take_failed() == [owner]
     assert d.log.take_failed() == []
     assert d.delivered == []
+
+
+def test_stream_lag_is_measured_from_the_newest_event(start_redis, driven):
+    redis = start_redis()
+    d = driven(redis.url)
+    d.until(lambda: d.log.reader.up)
+    assert d.log.stats.redis
+    hour_ago = int(time.time() * 1000) - 3600_000
+    d.log.stage({"type": "message", "from": "a@1", "text": '"ts":1,', "ts": hour_ago})
+    d.until(lambda: d.delivered)
+    assert 3590 < d.log.stats.stream_lag_seconds < 3700
+    assert d.log.stats.stream_lag_events == 0
+    assert d.log.stats.published == 1
