@@ -246,13 +246,24 @@
     }
   }
 
+  function searchNow() {
+    window.clearTimeout(state.searchTimer);
+    if (state.large) {
+      pager.reset(el.memberSearch.value.trim());
+    }
+  }
+
   function onSearchInput() {
     window.clearTimeout(state.searchTimer);
-    state.searchTimer = window.setTimeout(function () {
-      if (state.large) {
-        pager.reset(el.memberSearch.value.trim());
-      }
-    }, SEARCH_PAUSE_MS);
+    state.searchTimer = window.setTimeout(searchNow, SEARCH_PAUSE_MS);
+  }
+
+  // Enter searches without waiting for the pause.
+  function onSearchKey(event) {
+    if (event.key === "Enter") {
+      event.preventDefault();
+      searchNow();
+    }
   }
 
   // Someone picked or heard from: kept for a large room's "To" menu.
@@ -322,6 +333,7 @@
   C.onPresence = onPresence;
   C.askWholeList = askWholeList;
   C.onSearchInput = onSearchInput;
+  C.onSearchKey = onSearchKey;
   C.remember = remember;
   C.renderRecipients = renderRecipients;
   C.updatePlaceholder = updatePlaceholder;

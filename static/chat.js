@@ -177,6 +177,7 @@
   el.leaveButton.addEventListener("click", leave);
   el.memberMore.addEventListener("click", C.onMemberMore);
   el.memberSearch.addEventListener("input", C.onSearchInput);
+  el.memberSearch.addEventListener("keydown", C.onSearchKey);
   el.memberList.addEventListener("scroll", C.updateMemberMore, { passive: true });
   el.transcript.addEventListener("scroll", function () {
     state.pinned = C.nearBottom();
