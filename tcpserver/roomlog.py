@@ -113,7 +113,8 @@ class RoomLog(abc.ABC):
         """Committed frames with ``first <= seq <= last``, oldest first,
         stopping before ``max_bytes`` is passed (but never empty if the
         range is not).  The caller keeps ``first..last`` inside
-        ``first_seq..last_seq``."""
+        ``first_seq..last_seq``.  Raises StorageError if storage cannot be
+        read."""
         if first > last:
             return []
         recent = self._recent

@@ -490,6 +490,8 @@ class ChatServer:
         stream = self.stream
         if client.hold_at is not None:
             self._feed_replay(client)
+            if client.closed:
+                return
         end = stream.end if client.stop_at is None else client.stop_at
         hold = client.hold_at
         if hold is not None:
@@ -555,7 +557,13 @@ class ChatServer:
             self._input_ready.add(client)
             return
         first, last = client.replay
-        first, blob = self.log.chunk(first, last, REPLAY_CHUNK)
+        try:
+            first, blob = self.log.chunk(first, last, REPLAY_CHUNK)
+        except StorageError as exc:
+            # Its reply's header promised these events: better a clean
+            # close (the client reconnects and asks again) than a short reply.
+            log.error("%s: history reply cut short, closing: %s", client, exc)
+            return self._drop(client, "hung_up")
         client.replay = [first, last] if first <= last else None
         if blob:
             client.queue.appendleft((hold, blob, True))

@@ -154,7 +154,10 @@ class SqliteLog(RoomLog):
                 size += len(frame)
             cursor.close()
         except sqlite3.Error as exc:
-            log.error("room log: cannot read events %d..%d: %s", first, last, exc)
+            # Raised, not an empty list: a reply whose header promised
+            # these events must not silently fall short (the server drops
+            # that one client, which can ask again).
+            raise StorageError(f"cannot read events {first}..{last}: {exc}") from None
         return out
 
     def _first_seq(self) -> int:

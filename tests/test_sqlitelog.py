@@ -69,6 +69,15 @@ def test_frames_stop_at_the_byte_budget_but_never_return_nothing(tmp_path):
     roomlog.close()
 
 
+def test_a_read_error_is_raised_not_an_empty_answer(tmp_path):
+    roomlog = open_log(tmp_path / "room.db", recent=2)
+    add(roomlog, 5)
+    roomlog._db.close()  # any sqlite3 error will do
+    with pytest.raises(StorageError, match=r"^cannot read events 1\.\.5: "):
+        roomlog.frames(1, 5, 1 << 20)
+    assert len(roomlog.frames(4, 5, 1 << 20)) == 2  # the tail is in memory
+
+
 def test_retention_hides_at_once_and_prunes_oldest_first_in_small_steps(tmp_path):
     path = tmp_path / "room.db"
     roomlog = open_log(path, retain=100)
