@@ -104,6 +104,10 @@ class RedisPresence(Presence):
         grace = 0.0 if self._first_up else REAP_GRACE
         self._first_up = False
         self._next_reap = time.monotonic() + max(grace, REAP_EVERY)
+        self._sync()
+
+    def _sync(self) -> None:
+        """Make Redis hold exactly this node's members (SYNC)."""
         if self.log.resetting:
             return  # a new epoch: the members are about to be closed
         pairs: list[str] = []
@@ -129,6 +133,10 @@ class RedisPresence(Presence):
             return
         self._next_beat = now + HEARTBEAT
         self.log.cmd.command("SET", self.key("alive"), "1", "PX", NODE_TTL_MS)
+        # 1: we had been unregistered, i.e. reaped as dead (the loop or the
+        # link stalled past the TTL): put our members back at once.
+        self.log.cmd.command("SADD", self.log.key("nodes"), self.node,
+                             callback=lambda added: added == 1 and self._sync())
         self.log.cmd.command("HLEN", self.log.key("names"), callback=self._set_count)
         if now >= self._next_reap:
             self._next_reap = now + REAP_EVERY

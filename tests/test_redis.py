@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import time
 import urllib.error
 import urllib.request
@@ -344,3 +345,24 @@ def test_a_join_storm_after_script_flush_welcomes_everyone(start_redis, node):
     finally:
         for client in members:
             client.close()
+
+
+def test_a_stalled_node_taken_for_dead_puts_its_members_back(start_redis, node, open_client):
+    redis = start_redis()
+    a, b = node(redis), node(redis)
+    watcher = open_client(a.port, "watcher")
+    sleeper = open_client(b.port, "sleeper")
+    watcher.recv_until(lambda m: m.get("member") == sleeper.label)
+    b.proc.send_signal(signal.SIGSTOP)  # past its alive key's TTL: taken for dead
+    try:
+        leave = watcher.recv_type("leave", timeout=20)
+    finally:
+        b.proc.send_signal(signal.SIGCONT)
+    assert (leave["member"], leave["reason"]) == (sleeper.label, "hung_up")
+    # Awake again, B sees it was unregistered and puts its member back.
+    join = watcher.recv_type("join", timeout=15)
+    assert join["member"] == sleeper.label
+    sleeper.send({"type": "say", "text": "still here"})
+    assert watcher.recv_type("message")["text"] == "still here"
+    watcher.send({"type": "who"})
+    assert watcher.recv_type("members")["members"] == [sleeper.label, watcher.label]
