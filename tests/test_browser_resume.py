@@ -12,6 +12,8 @@ import pytest
 from browser_helpers import PHONE, expect_, join, message_entry, notice_entry, room_entries
 from conftest import ARTIFACTS
 
+from tcpserver import protocol
+
 pytest_plugins = ["browser_fixtures"]
 pytestmark = pytest.mark.browser
 
@@ -291,3 +293,111 @@ def test_a_log_restored_from_a_backup_starts_a_new_transcript(
                                        "els => els.map(e => Number(e.dataset.seq))")
     assert below == list(range(1, below[-1] + 1))
     assert pages.problems == []
+
+
+class ScriptedServer:
+    """A chat-server peer on 127.0.0.1 that answers from a script: for
+    answers the real server never gives (``unknown_seq`` to a page whose
+    welcome looked in order).  ``script(conn, n, message)`` is called for
+    each client message on the n-th connection that said hello; pings are
+    answered here.  Speaks through the real codec."""
+
+    def __init__(self, script) -> None:
+        self.script = script
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.hellos = 0
+        self.received: list[dict] = []
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        decoder = protocol.FrameDecoder()
+        number = None
+        try:
+            while data := conn.recv(65536):
+                decoder.receive_data(data)
+                while (payload := decoder.next_payload()) is not None:
+                    message = protocol.parse_client_message(payload)
+                    if message["type"] == "ping":
+                        conn.sendall(protocol.encode_frame({"type": "pong"}))
+                        continue
+                    if message["type"] == "hello":
+                        self.hellos += 1
+                        number = self.hellos
+                    self.received.append(message)
+                    for reply in self.script(number, message):
+                        if reply == "close":
+                            conn.close()
+                            return
+                        conn.sendall(protocol.encode_frame(reply))
+        except OSError:
+            return
+
+    def close(self) -> None:
+        for sock in [self.listener, *self.conns]:
+            sock.close()
+
+
+def _event(kind: str, seq: int, **fields) -> dict:
+    return {"type": kind, "seq": seq, "ts": 1_795_834_800_000 + seq, **fields}
+
+
+def test_unknown_seq_starts_a_new_transcript(start_gateway, pages):
+    expect = expect_()
+    me = "alice@127.0.0.1"
+
+    def welcome(last_seq: int) -> dict:
+        return {"type": "welcome", "name": "alice", "label": me, "epoch": "e1",
+                "last_seq": last_seq, "members": [me], "more": False, "history": 0,
+                "count": 1, "large": False, "resume": "0" * 32}
+
+    def script(n: int, message: dict) -> list:
+        kind = message["type"]
+        if (n, kind) == (1, "hello"):
+            return [welcome(5), _event("join", 6, member=me)]
+        if (n, kind) == (1, "say"):  # then the server dies without a word
+            return [_event("message", 7, **{"from": me, "text": message["text"]}), "close"]
+        if (n, kind) == (2, "hello"):  # numbers that look in order, from another log
+            return [welcome(9), _event("join", 10, member=me)]
+        if kind == "history" and "after" in message:
+            return [{"type": "error", "code": "unknown_seq",
+                     "message": "seq 7 was never issued in this room (the last is 5)"}]
+        if kind == "history":
+            return [{"type": "history", "before": message["before"], "count": 2, "more": False},
+                    _event("message", 8, **{"from": "bob@127.0.0.1", "text": "eight"}),
+                    _event("message", 9, **{"from": "bob@127.0.0.1", "text": "nine"})]
+        return []
+
+    server = ScriptedServer(script)
+    try:
+        gateway = start_gateway(server.port)
+        alice = pages.open(gateway.url)
+        join(alice, "alice")
+        alice.fill("#compose-text", "before")
+        alice.press("#compose-text", "Enter")
+        expect(alice.locator("#transcript li.connection-lost")).to_have_count(1)
+        expect(alice.locator("#status")).to_have_attribute("data-state", "connected",
+                                                           timeout=BACK)
+        notice = alice.locator("#transcript li.new-transcript")
+        expect(notice).to_have_count(1)
+        # Below the notice: this log's own events, the older ones loaded back.
+        expect(message_entry(alice, "bob", "nine")).to_have_count(1)
+        below = alice.eval_on_selector_all("#transcript li.new-transcript ~ li[data-seq]",
+                                           "els => els.map(e => Number(e.dataset.seq))")
+        assert below == [8, 9, 10]
+        history = [m for m in server.received if m["type"] == "history"]
+        assert history == [{"type": "history", "after": 7},
+                           {"type": "history", "before": 10, "limit": 50}]
+        expect(alice.locator("#compose-error")).to_have_text("")
+    finally:
+        server.close()
