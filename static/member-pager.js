@@ -113,6 +113,9 @@
     if (this.more && last >= this.items.length - PREFETCH_ROWS) {
       this.fetch();
     }
+    // Rows below the view (loaded or not) fade the bottom edge: a short
+    // panel never hides members with no sign that more exist.
+    this.scroller.dataset.end = top + height >= rowsTotal * ROW_PX - 1 ? "true" : "false";
     var key = first + ":" + last + ":" + this.items.length + ":" + this.more + ":" + this.generation;
     if (!force && key === this.drawn) {
       return;

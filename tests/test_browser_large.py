@@ -121,8 +121,11 @@ def test_member_panel_in_a_large_room(start_server, start_gateway, pages, open_c
     join_large(ana, "ana")
     ana.fill("#member-search", "ze")
     expect(ana.locator("#member-pager .member-name")).to_have_text(["Zelda", "zeno"])
+    expect(ana.locator("#member-pager")).to_have_attribute("data-end", "true")
     ana.fill("#member-search", "")
     expect(ana.locator("#member-pager .member-name").first).to_have_text("alice")
+    # Members below the short panel fade its bottom edge.
+    expect(ana.locator("#member-pager")).to_have_attribute("data-end", "false")
     ana.evaluate("document.activeElement.blur()")
     ana.screenshot(path=str(ARTIFACTS / "members-large-375.png"))
     assert ana.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
