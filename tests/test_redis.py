@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -366,3 +367,51 @@ def test_a_stalled_node_taken_for_dead_puts_its_members_back(start_redis, node, 
     assert watcher.recv_type("message")["text"] == "still here"
     watcher.send({"type": "who"})
     assert watcher.recv_type("members")["members"] == [sleeper.label, watcher.label]
+
+
+def test_redis_killed_mid_traffic_loses_no_echoed_message(start_redis, node, open_client):
+    redis = start_redis(persist=True)
+    a, b = node(redis), node(redis)
+    senders = [open_client(a.port, "alice"), open_client(b.port, "bob")]
+    watcher = open_client(b.port, "carol")
+    echoed: list[str] = []
+    stop = threading.Event()
+
+    def talk(member) -> None:
+        # Bounded: at most 300 says, and only until told to stop.
+        for i in range(300):
+            if stop.is_set():
+                return
+            text = f"{member.label}:{i}"
+            if say_and_wait(member, text, timeout=30) == "echoed":
+                echoed.append(text)
+            else:
+                time.sleep(0.05)
+
+    threads = [threading.Thread(target=talk, args=(m,)) for m in senders]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(0.5)
+        redis.kill()
+        time.sleep(1.0)
+        redis.start()
+        time.sleep(2.0)  # reconnect (backoff 0.5 s, 1 s, ...) and talk again
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(40)
+    assert echoed, "nothing was echoed at all"
+    last = {m.label: max(int(t.rsplit(":", 1)[1]) for t in echoed if t.startswith(m.label))
+            for m in senders if any(t.startswith(m.label) for t in echoed)}
+
+    def heard_last(events):
+        texts = {e.get("text") for e in events}
+        return all(f"{label}:{n}" in texts for label, n in last.items())
+
+    events = room_events(watcher, heard_last, timeout=30)
+    texts = [e.get("text") for e in events]
+    assert set(echoed) <= set(texts)
+    assert len(set(texts) - {None}) == len([t for t in texts if t])  # none twice
+    seqs = [e["seq"] for e in events]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
