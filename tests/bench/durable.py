@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import signal
 import socket
+import statistics
 import time
 from pathlib import Path
 
@@ -67,37 +68,46 @@ def db_bytes(db: Path) -> int:
     return sum(p.stat().st_size for p in (db, Path(f"{db}-wal")) if p.exists())
 
 
+def restart_run(binary: Path, tmp: Path, members: int, args: argparse.Namespace) -> list:
+    """One restart: a table row."""
+    db = tmp / f"restart-{members}-{time.monotonic_ns()}.db"
+    server = start_server(tmp, members, *_db_args(str(db)), log_name=f"restart-{members}.log")
+    restarted: Process | None = None
+    try:
+        gen = Loadgen(binary, "restart", "chat", server.port, members,
+                      publishers=min(RESTART_PUBLISHERS, members), timeout=args.timeout)
+        seated = gen.line("seated")
+        if int(seated["joined"]) < members:
+            gen.close()
+            raise BenchError(f"restart: only {seated['joined']} of {members} seated")
+        time.sleep(TRAFFIC_BEFORE_KILL_S)
+        server.kill(getattr(signal, f"SIG{args.signal}"))
+        restarted = start_server(tmp, members, *_db_args(str(db)), port=server.port,
+                                 log_name=f"restart-{members}.log")
+        result = gen.line("result")
+        gen.close()
+        return [members, args.signal, f"{result['back']}/{members}",
+                result["back_p50_s"], result["back_s"], f"{restarted.ready_s:.2f}",
+                f"{restarted.cpu():.1f}", result["connects"], result["lost"],
+                f"{result['missed']}/{result['paged']}", result["epoch_changed"],
+                evictions(restarted)]
+    finally:
+        server.stop()
+        if restarted:
+            restarted.stop()
+
+
 def suite_restart(binary: Path, tmp: Path, args: argparse.Namespace) -> str:
     if not server_supports("--db"):
         return "\nrestart: skipped: this server has no --db"
-    sig = getattr(signal, f"SIG{args.signal}")
     rows = []
     for members in args.members or [1000, 5000, 10000]:
-        db = tmp / f"restart-{members}.db"
-        server = start_server(tmp, members, *_db_args(str(db)), log_name=f"restart-{members}.log")
-        restarted: Process | None = None
-        try:
-            gen = Loadgen(binary, "restart", "chat", server.port, members,
-                          publishers=min(RESTART_PUBLISHERS, members), timeout=args.timeout)
-            seated = gen.line("seated")
-            if int(seated["joined"]) < members:
-                gen.close()
-                raise BenchError(f"restart: only {seated['joined']} of {members} seated")
-            time.sleep(TRAFFIC_BEFORE_KILL_S)
-            server.kill(sig)
-            restarted = start_server(tmp, members, *_db_args(str(db)), port=server.port,
-                                     log_name=f"restart-{members}.log")
-            result = gen.line("result")
-            gen.close()
-            rows.append([members, args.signal, f"{result['back']}/{members}",
-                         result["back_p50_s"], result["back_s"], f"{restarted.ready_s:.2f}",
-                         f"{restarted.cpu():.1f}", result["connects"], result["lost"],
-                         f"{result['missed']}/{result['paged']}", result["epoch_changed"],
-                         evictions(restarted)])
-        finally:
-            server.stop()
-            if restarted:
-                restarted.stop()
+        runs = [restart_run(binary, tmp, members, args) for _ in range(args.repeat)]
+        rows += runs
+        if args.repeat > 1:
+            rows.append([members, f"median of {args.repeat}", "",
+                         f"{statistics.median(float(r[3]) for r in runs):.3f}",
+                         f"{statistics.median(float(r[4]) for r in runs):.3f}", *[""] * 7])
     return table("Restart: all members back (reconnected, rejoined, gap filled) after the "
                  "server died mid-burst",
                  ["members", "signal", "back", "half back s", "all back s", "server start s",

@@ -8,6 +8,7 @@ bounded; a process that does not start in time raises ``BenchError``.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import resource
@@ -23,6 +24,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# Where ``python -m tcpserver`` runs: this checkout, or another one (an
+# older commit's ``git archive``) for before-and-after figures.
+SERVER_ROOT = ROOT
 # A load generator run past this is stuck, not slow.
 LOADGEN_TIMEOUT = 600.0
 
@@ -67,12 +71,13 @@ def cpu_seconds(pid: int) -> float:
 class Process:
     """A subprocess with its output in a log file; ``stop`` ends it by PID."""
 
-    def __init__(self, argv: list[str], log_path: Path, ready: str, timeout: float = 30.0):
+    def __init__(self, argv: list[str], log_path: Path, ready: str, timeout: float = 30.0,
+                 cwd: Path = ROOT):
         self.log_path = log_path
         self.started = time.monotonic()
         self._log = open(log_path, "a")
         self._offset = log_path.stat().st_size
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=cwd)
         self.pid = self.proc.pid
         self.match = self._wait_for(ready, timeout)
         self.ready_s = time.monotonic() - self.started
@@ -117,11 +122,15 @@ class Process:
         self._log.close()
 
 
+@functools.cache
+def _server_help(root: Path) -> str:
+    return subprocess.run([sys.executable, "-m", "tcpserver", "--help"], cwd=root,
+                          capture_output=True, text=True, timeout=30).stdout
+
+
 def server_supports(option: str) -> bool:
-    """Whether this checkout's chat server has a command-line option."""
-    out = subprocess.run([sys.executable, "-m", "tcpserver", "--help"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=30).stdout
-    return option in out
+    """Whether the chat server at SERVER_ROOT has a command-line option."""
+    return option in _server_help(SERVER_ROOT)
 
 
 def start_server(tmp: Path, members: int, *extra: str, port: int = 0,
@@ -135,15 +144,16 @@ def start_server(tmp: Path, members: int, *extra: str, port: int = 0,
     documentation address, RFC 5737, that never connects): they are counted
     by --max-per-ip, not by the proxies' --max-pending-proxied.
     """
-    if not any(arg.startswith("--db") for arg in extra):
+    if server_supports("--db") and not any(arg.startswith("--db") for arg in extra):
         extra = (f"--db={tmp / f'room-{time.monotonic_ns()}.db'}", *extra)
     argv = [sys.executable, "-m", "tcpserver", "--name=server", f"--port={port}",
             f"--max-per-ip={members + 100}", f"--max-clients={members + 100}",
-            # Should a caller trust loopback again, its storm must not meet
-            # the proxies' own bound before hello either.
-            f"--max-pending-proxied={members + 100}", "--trusted-proxy=192.0.2.1",
-            "--msg-rate=1e9", "--msg-burst=1000000000", *extra]
-    server = Process(argv, tmp / log_name, r"listening on \S+:(\d+)")
+            "--trusted-proxy=192.0.2.1", "--msg-rate=1e9", "--msg-burst=1000000000", *extra]
+    if server_supports("--max-pending-proxied"):
+        # Should a caller trust loopback again, its storm must not meet the
+        # proxies' own bound before hello either.
+        argv.append(f"--max-pending-proxied={members + 100}")
+    server = Process(argv, tmp / log_name, r"listening on \S+:(\d+)", cwd=SERVER_ROOT)
     server.port = int(server.match.group(1))
     return server
 

@@ -38,6 +38,7 @@ import tempfile
 from pathlib import Path
 
 import durable
+import harness
 import idle
 from harness import (
     BenchError,
@@ -159,12 +160,19 @@ def storm_run(binary: Path, tmp: Path, proto: str, members: int,
 def suite_storm(binary: Path, tmp: Path, args: argparse.Namespace) -> str:
     rows = []
     for members in args.members or DEFAULT_MEMBERS["storm"]:
-        for proto, name in (("chat", "chat server"), ("redis", "redis pub/sub")):
-            r = storm_run(binary, tmp, proto, members, args)
-            done = "timed_out" not in r
-            rows.append([members, name, f"{r['joined']}/{members}",
-                         r["join_s"] if done else f"> {args.timeout:g}",
-                         r.get("settled_s", "-"), f"{r['cpu']:.2f}", r["evictions"]])
+        seconds: dict[str, list[float]] = {"chat": [], "redis": []}
+        for _ in range(args.repeat):
+            for proto, name in (("chat", "chat server"), ("redis", "redis pub/sub")):
+                r = storm_run(binary, tmp, proto, members, args)
+                done = "timed_out" not in r
+                seconds[proto].append(float(r["join_s"]) if done else float("inf"))
+                rows.append([members, name, f"{r['joined']}/{members}",
+                             r["join_s"] if done else f"> {args.timeout:g}",
+                             r.get("settled_s", "-"), f"{r['cpu']:.2f}", r["evictions"]])
+        if args.repeat > 1:
+            rows.append([members, f"median of {args.repeat}", "",
+                         f"{statistics.median(seconds['chat']):.3f} vs "
+                         f"{statistics.median(seconds['redis']):.3f}", "", "", ""])
     return table("Join storm: all members connect and say hello at once",
                  ["members", "server", "welcomed", "all welcomed s", "all hear a message s",
                   "server CPU s", "evictions"], rows)
@@ -187,12 +195,17 @@ def main() -> int:
     parser.add_argument("--db", default="file", choices=["file", "memory"],
                         help="room log of the throughput, storm and idle servers: a new "
                         "SQLite file each (the default server's) or :memory:")
+    parser.add_argument("--server-root", type=Path,
+                        help="run the chat server from this directory instead (e.g. "
+                        "`git archive COMMIT | tar -x -C DIR`), for before-and-after figures")
     parser.add_argument("--signal", default="KILL", choices=["KILL", "TERM"],
                         help="how the restart suite stops the server")
     parser.add_argument("--fill-events", type=int, default=1_000_000,
                         help="events stored before the durable suite's start-up timing")
     args = parser.parse_args()
     suites = SUITES if args.suite == "all" else args.suite.split(",")
+    if args.server_root:
+        harness.SERVER_ROOT = args.server_root.resolve()
     raise_fd_limit(max(args.members or [10000]) * 2)
     runners = {"throughput": suite_throughput, "storm": suite_storm, "idle": idle.suite_idle,
                "restart": durable.suite_restart, "durable": durable.suite_durable}
