@@ -102,6 +102,7 @@ class RedisLog(RoomLog):
         self._failed: list[object] = []
         self._reset = False
         self._epoch_lost = False
+        self._write_error: str | None = None
         # Another stream read by the same XREAD (a node's private inbox):
         # key -> (last ID, handler of each entry's field list).
         self.extra_streams: dict[str, list] = {}
@@ -237,12 +238,13 @@ class RedisLog(RoomLog):
 
             def published(reply: Any) -> None:
                 self.stats.redis_round_trip(time.monotonic() - sent)
+                self.note_write(reply)
                 if not isinstance(reply, Exception):
                     self.stats.published += len(owners)
                 else:
                     if str(reply).startswith("EPOCH"):
                         self._lose_epoch()
-                    log.error("room log: %d events not published: %s", len(owners), reply)
+                    log.debug("room log: %d events not published: %s", len(owners), reply)
                     self._failed.extend(owners)
 
             self._publish.run(self.cmd, [self.key("epoch"), self.key("seq"),
@@ -250,6 +252,19 @@ class RedisLog(RoomLog):
             self.flush()
         delivered, self._delivered = self._delivered, []
         return delivered
+
+    def note_write(self, reply: Any) -> None:
+        """Record how a write went (a publish, the heartbeat): Redis may be
+        up yet refuse writes (OOM at maxmemory, a read-only replica, a
+        failed disk with MISCONF).  One error line per episode."""
+        if isinstance(reply, resp.ReplyError) and not str(reply).startswith("EPOCH"):
+            if self._write_error is None:
+                log.error("room log: Redis refuses writes: %s; messages are refused until "
+                          "it accepts them", reply)
+            self._write_error = str(reply)
+        elif not isinstance(reply, Exception) and self._write_error is not None:
+            log.info("room log: Redis accepts writes again")
+            self._write_error = None
 
     def take_failed(self) -> list[object]:
         failed, self._failed = self._failed, []
@@ -334,7 +349,7 @@ class RedisLog(RoomLog):
         for conn in (self.cmd, self.reader):
             if conn is not None and not conn.up:
                 return f"redis: {conn.reason}"
-        return None
+        return None if self._write_error is None else f"redis: {self._write_error}"
 
     def close(self) -> None:
         for hook in self.close_hooks:

@@ -132,7 +132,9 @@ class RedisPresence(Presence):
         if not self.log.cmd.up or now < self._next_beat:
             return
         self._next_beat = now + HEARTBEAT
-        self.log.cmd.command("SET", self.key("alive"), "1", "PX", NODE_TTL_MS)
+        # Also the probe that tells when Redis accepts writes again.
+        self.log.cmd.command("SET", self.key("alive"), "1", "PX", NODE_TTL_MS,
+                             callback=self.log.note_write)
         # 1: we had been unregistered, i.e. reaped as dead (the loop or the
         # link stalled past the TTL): put our members back at once.
         self.log.cmd.command("SADD", self.log.key("nodes"), self.node,

@@ -415,3 +415,21 @@ def test_redis_killed_mid_traffic_loses_no_echoed_message(start_redis, node, ope
     assert len(set(texts) - {None}) == len([t for t in texts if t])  # none twice
     seqs = [e["seq"] for e in events]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+
+
+def test_a_redis_that_refuses_writes_degrades_the_room_until_it_accepts_them(
+        start_redis, node, open_client):
+    redis = start_redis()
+    a = node(redis)
+    alice = open_client(a.port, "alice")
+    address = resp.RedisAddress(redis.url)
+    # Over maxmemory with no eviction, Redis refuses every write with OOM.
+    resp.call(address, ("CONFIG", "SET", "maxmemory-policy", "noeviction"),
+              ("CONFIG", "SET", "maxmemory", "1"))
+    try:
+        assert say_and_wait(alice, "refused") == "room_unavailable"
+        assert "OOM" in degraded(alice)
+    finally:
+        resp.call(address, ("CONFIG", "SET", "maxmemory", "0"))
+    degraded(alice, want=False)  # the heartbeat's write succeeds again
+    assert say_and_wait(alice, "accepted") == "echoed"
