@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import selectors
 import time
 from typing import Any, Callable
@@ -56,6 +57,8 @@ BLOCK_MS = 2000
 REPLY_SLACK = 5.0
 # Entries taken per XREAD: bounds one reply's size.
 READ_COUNT = 1000
+# Room names go inside a hash tag ({ROOM}) in every key.
+_ROOM_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 # A number no room reaches: the payload is split around it.
 _SENTINEL = 10**15
 _SEQ_MARK = b'"seq":%d' % _SENTINEL
@@ -89,6 +92,9 @@ class RedisLog(RoomLog):
     def __init__(self, url: str, room: str, max_frame: int, recent: int,
                  retain: int = DEFAULT_RETAIN) -> None:
         super().__init__(max_frame, recent)
+        if not _ROOM_NAME.fullmatch(room):
+            raise ValueError(f"the room name {room!r} is not 1-64 letters, digits, "
+                             "'-', '_' or '.'")
         self.address = resp.RedisAddress(url)
         self.room = room
         self.prefix = f"chatroom:{{{room}}}:"
