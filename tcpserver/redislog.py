@@ -109,6 +109,8 @@ class RedisLog(RoomLog):
         self._reset = False
         self._epoch_lost = False
         self._write_error: str | None = None
+        self._stream_first: int | None = None  # the stream's oldest seq, if known
+        self._next_oldest = 0.0
         # Another stream read by the same XREAD (a node's private inbox):
         # key -> (last ID, handler of each entry's field list).
         self.extra_streams: dict[str, list] = {}
@@ -129,9 +131,10 @@ class RedisLog(RoomLog):
 
     def _start(self) -> None:
         epoch_key, stream = self.key("epoch"), self.key("stream")
-        _, epoch, newest = resp.call(
+        _, epoch, newest, oldest = resp.call(
             self.address, ("SET", epoch_key, new_epoch(), "NX"), ("GET", epoch_key),
-            ("XREVRANGE", stream, "+", "-", "COUNT", self._recent.maxlen))
+            ("XREVRANGE", stream, "+", "-", "COUNT", self._recent.maxlen),
+            ("XRANGE", stream, "-", "+", "COUNT", 1))
         if isinstance(newest, Exception) or isinstance(epoch, Exception):
             raise OSError(f"Redis refused the room's keys: {newest}")
         self.epoch = epoch.decode()
@@ -143,6 +146,28 @@ class RedisLog(RoomLog):
             entries.append((seq, _frame(fields[1])))
         self._recent.extend(reversed(entries))
         self._last_seq = entries[0][0] if entries else 0
+        self._set_oldest(oldest)
+
+    def _set_oldest(self, reply: Any) -> None:
+        if isinstance(reply, list) and reply:
+            self._stream_first = _seq_of(reply[0][0])
+
+    @property
+    def oldest_seq(self) -> int:
+        """The stream's oldest entry (refreshed every second): ``history
+        before`` reaches back to it through ``fetch``."""
+        first = self.first_seq
+        return first if self._stream_first is None else min(first, self._stream_first)
+
+    def fetch(self, first: int, last: int, done) -> None:
+        def reply(entries: Any) -> None:
+            if isinstance(entries, Exception):
+                log.warning("room log: history %d..%d not read: %s", first, last, entries)
+                return done(None)
+            done([(_seq_of(entry_id), _frame(fields[1])) for entry_id, fields in entries])
+
+        self.cmd.command("XRANGE", self.key("stream"), f"0-{first}", f"0-{last}",
+                         callback=reply)
 
     def make_presence(self):
         from tcpserver.redispresence import RedisPresence
@@ -206,6 +231,7 @@ class RedisLog(RoomLog):
         self._tail_cache = None
         self._chunks.clear()
         self._last_seq = 0
+        self._stream_first = None
         self._delivered.clear()
         self._reset = True
         log.info("room log: new epoch %s", self.epoch)
@@ -319,6 +345,8 @@ class RedisLog(RoomLog):
                 log.warning("room log: events %d..%d were trimmed before this node read them",
                             self._last_seq + 1, seq - 1)
                 self._recent.clear()
+            if self._stream_first is None:
+                self._stream_first = seq  # the stream was empty when we looked
             frame = _frame(fields[1])
             self._recent.append((seq, frame))
             self._delivered.append(frame)
@@ -347,6 +375,10 @@ class RedisLog(RoomLog):
     def tick(self, now: float) -> None:
         self.cmd.tick(now)
         self.reader.tick(now)
+        if self.cmd.up and now >= self._next_oldest:
+            self._next_oldest = now + 1.0  # MAXLEN ~ trims the stream's front
+            self.cmd.command("XRANGE", self.key("stream"), "-", "+", "COUNT", 1,
+                             callback=self._set_oldest)
         for hook in self.tick_hooks:
             hook(now)
 

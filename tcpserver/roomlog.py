@@ -197,6 +197,18 @@ class RoomLog(abc.ABC):
         storage lost the transcript): every member must reconnect."""
         return False
 
+    @property
+    def oldest_seq(self) -> int:
+        """The oldest seq the room still holds anywhere (at least as old as
+        ``first_seq``; older ones come through ``fetch``)."""
+        return self.first_seq
+
+    def fetch(self, first: int, last: int, done) -> None:
+        """Read ``first..last`` from storage that may answer later:
+        ``done([(seq, frame), ...])`` oldest first (events trimmed meanwhile
+        left out), or ``done(None)`` if storage cannot answer now."""
+        done([(first + i, f) for i, f in enumerate(self.frames(first, last, 1 << 62))])
+
     def make_presence(self):
         """The ``presence.Presence`` for a room shared with other processes
         through this log's storage; None for a room in one process."""

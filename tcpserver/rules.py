@@ -359,11 +359,35 @@ class Room:
         if not 1 <= limit <= BEFORE_MAX:
             raise protocol.MessageError("bad_message", f"history: limit is 1 to {BEFORE_MAX}")
         stop = min(before - 1, last)
-        start = max(first_held, stop - limit + 1, 1)
+        oldest = self.log.oldest_seq
+        start = max(oldest, stop - limit + 1, 1)
+        if start < first_held:
+            # Older than the log keeps at hand (Redis: its in-memory copy):
+            # fetched first, then sent whole; the client waits meanwhile.
+            client.waiting = True
+            return self.log.fetch(start, stop, lambda frames: self._fetched(
+                client, before, frames))
         count = max(0, stop - start + 1)
         self.out.send(client, self._encode({"type": "history", "before": before, "count": count,
-                                            "more": start > first_held}), reply=True)
+                                            "more": start > oldest}), reply=True)
         self.out.replay(client, start, stop)
+
+    def _fetched(self, client: Client, before: int, frames: list[tuple[int, bytes]] | None,
+                 ) -> None:
+        client.waiting = False
+        if client.closed:
+            return
+        if frames is None:
+            self.out.send(client, self._encode(
+                {"type": "error", "code": "room_unavailable",
+                 "message": "the room cannot read its history right now; try again later"}),
+                reply=True)
+            return
+        more = bool(frames) and frames[0][0] > self.log.oldest_seq
+        self.out.send(client, self._encode({"type": "history", "before": before,
+                                            "count": len(frames), "more": more}), reply=True)
+        if frames:
+            self.out.send(client, b"".join(frame for _, frame in frames), reply=True)
 
     def _on_ping(self, client: Client, message: dict) -> None:
         reply = {"type": "pong"}

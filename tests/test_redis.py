@@ -436,3 +436,33 @@ def test_a_redis_that_refuses_writes_degrades_the_room_until_it_accepts_them(
         resp.call(address, ("CONFIG", "SET", "maxmemory", "0"))
     degraded(alice, want=False)  # the heartbeat's write succeeds again
     assert say_and_wait(alice, "accepted") == "echoed"
+
+
+def test_history_before_reaches_back_past_the_memory_copy_into_the_stream(
+        start_redis, node, open_client):
+    redis = start_redis()
+    # A copy of 5 events in memory; the stream holds them all.
+    a = node(redis, "--history=5", "--history-replay=5")
+    alice = open_client(a.port, "alice")  # seq 1: her join
+    for i in range(19):
+        assert say_and_wait(alice, f"m{i}") == "echoed"  # seqs 2..20
+
+    def page(before: int, limit: int) -> tuple[dict, list[dict]]:
+        alice.send({"type": "history", "before": before, "limit": limit})
+        reply = alice.recv_type("history")
+        return reply, [alice.recv() for _ in range(reply["count"])]
+
+    reply, events = page(21, 10)
+    assert (reply["count"], reply["more"]) == (10, True)
+    assert [e["seq"] for e in events] == list(range(11, 21))
+    assert [e["text"] for e in events] == [f"m{i}" for i in range(9, 19)]
+    reply, events = page(11, 50)
+    assert (reply["count"], reply["more"]) == (10, False)
+    assert [e["seq"] for e in events] == list(range(1, 11))
+    assert events[0]["type"] == "join"
+    # Within the memory copy: the same answer as ever.
+    reply, events = page(21, 5)
+    assert (reply["count"], reply["more"]) == (5, True)
+    assert [e["seq"] for e in events] == [16, 17, 18, 19, 20]
+    # The transcript goes on after the pages, with no gap.
+    assert say_and_wait(alice, "after") == "echoed"
