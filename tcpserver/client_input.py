@@ -147,11 +147,16 @@ async def _converse(session: Session, next_line, confirm: bool) -> None:
     await session.quit()
 
 
-def _line_validator(session: Session):
+def _line_validator(session: Session, buffer):
+    """``buffer()`` gives the prompt's input buffer once the prompt exists."""
+    from prompt_toolkit.application.current import get_app_or_none
+    from prompt_toolkit.buffer import ValidationState
     from prompt_toolkit.validation import ValidationError, Validator
 
     class LineValidator(Validator):
         """Refuses Enter on a line that cannot be sent now, so it stays."""
+
+        waiting: asyncio.Task | None = None
 
         def validate(self, document) -> None:
             problem = line_problem(document.text)
@@ -159,9 +164,22 @@ def _line_validator(session: Session):
                 raise ValidationError(document.cursor_position,
                                       f"not sent: {problem}; edit the line, then Enter")
             if not session.ready.is_set() and _sends(document.text):
+                if self.waiting is None or self.waiting.done():
+                    self.waiting = asyncio.ensure_future(self._forget_when_back())
                 raise ValidationError(document.cursor_position,
                                       "not connected: reconnecting; the line is kept, "
                                       "press Enter again when back")
+
+        async def _forget_when_back(self) -> None:
+            # prompt_toolkit asks a validator again only once the text
+            # changes; the connection coming back must count as a change.
+            await session.ready.wait()
+            buf = buffer()
+            buf.validation_state = ValidationState.UNKNOWN
+            buf.validation_error = None
+            app = get_app_or_none()
+            if app is not None:
+                app.invalidate()
 
     return LineValidator()
 
@@ -179,9 +197,10 @@ async def interactive(session: Session) -> None:
     from prompt_toolkit import PromptSession
     from prompt_toolkit.patch_stdout import patch_stdout
 
-    prompt: PromptSession = PromptSession(lambda: f"[{display.clean(session.label)}]> ",
-                                          validator=_line_validator(session),
-                                          validate_while_typing=False)
+    prompt: PromptSession = PromptSession(
+        lambda: f"[{display.clean(session.label)}]> ",
+        validator=_line_validator(session, lambda: prompt.default_buffer),
+        validate_while_typing=False)
 
     async def next_line() -> str | None:
         try:

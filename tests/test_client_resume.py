@@ -343,6 +343,28 @@ def test_terminal_comes_back_with_the_gap_filled_and_the_prompt_intact(server, p
         term.close()
 
 
+def test_a_line_refused_while_reconnecting_is_sent_by_enter_once_back(server, proxy, connect):
+    link = proxy(server.port)
+    term = Terminal(link.port, "bob")
+    try:
+        term.wait(lambda: term.cursor_row() == "[bob@127.0.0.1]>", "the prompt")
+        alice = connect("alice")
+        link.held = True
+        link.cut()
+        term.wait(lambda: "! the connection was lost; reconnecting (Ctrl-C to stop)"
+                  in term.rows(), "the reconnecting line")
+        term.child.send("kept line\r")  # refused: not connected, the line stays
+        term.wait(lambda: any("the line is kept" in r for r in term.rows()), "the refusal")
+        link.held = False
+        term.wait(lambda: "* reconnected as bob@127.0.0.1 (2 in the room)" in term.rows(),
+                  "the return")
+        term.child.send("\r")  # the same text, unchanged: Enter alone must send it now
+        msg, _ = alice.recv_until(lambda m: m["type"] == "message")
+        assert (msg["from"], msg["text"]) == ("bob@127.0.0.1", "kept line")
+    finally:
+        term.close()
+
+
 def test_a_name_taken_by_someone_else_while_away_ends_the_client(server, proxy, piped,
                                                                    connect):
     link = proxy(server.port)
