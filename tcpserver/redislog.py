@@ -111,6 +111,8 @@ class RedisLog(RoomLog):
         self._write_error: str | None = None
         self._stream_first: int | None = None  # the stream's oldest seq, if known
         self._next_oldest = 0.0
+        self._publishing = 0  # EVALSHAs of PUBLISH awaiting their reply
+        self._published_upto = 0  # the highest seq this node published
         # Another stream read by the same XREAD (a node's private inbox):
         # key -> (last ID, handler of each entry's field list).
         self.extra_streams: dict[str, list] = {}
@@ -231,6 +233,7 @@ class RedisLog(RoomLog):
         self._tail_cache = None
         self._chunks.clear()
         self._last_seq = 0
+        self._published_upto = 0
         self._stream_first = None
         self._delivered.clear()
         self._reset = True
@@ -268,11 +271,15 @@ class RedisLog(RoomLog):
 
             sent = time.monotonic()
 
+            self._publishing += 1
+
             def published(reply: Any) -> None:
+                self._publishing -= 1
                 self.stats.redis_round_trip(time.monotonic() - sent)
                 self.note_write(reply)
                 if not isinstance(reply, Exception):
                     self.stats.published += len(owners)
+                    self._published_upto = max(self._published_upto, reply)
                 else:
                     if str(reply).startswith("EPOCH"):
                         self._lose_epoch()
@@ -365,6 +372,12 @@ class RedisLog(RoomLog):
     @property
     def timed(self) -> bool:
         return True
+
+    @property
+    def settled(self) -> bool:
+        if not (self.cmd.up and self.reader.up):
+            return True  # nothing more will come back: do not wait
+        return self._publishing == 0 and self._last_seq >= self._published_upto
 
     def flush(self) -> None:
         for hook in self.flush_hooks:

@@ -224,6 +224,12 @@ class RoomLog(abc.ABC):
         """Timers (reconnects, heartbeats), on the server's tick."""
 
     @property
+    def settled(self) -> bool:
+        """True when every event committed has come back from ``commit``
+        (always, for a log that stores synchronously)."""
+        return True
+
+    @property
     def timed(self) -> bool:
         """True if ``tick`` must run even when no client is connected."""
         return False

@@ -62,6 +62,8 @@ CLOSE_GRACE = 2.0
 # client drains them: large enough for few reads, small enough that one
 # client's replay pins little memory.
 REPLAY_CHUNK = 256 * 1024
+# Longest wait at shutdown for the room log to deliver what it published.
+SETTLE_MAX = 1.0
 # Retention work per timer tick (a step deletes at most 1000 events).
 PRUNE_BUDGET = 0.01
 # While a client's requests wait (a reply still unsent), its socket is read
@@ -745,6 +747,21 @@ class ChatServer:
             self._start_closing(client)
         self.room.forget_all()
 
+    def _settle_log(self) -> None:
+        """Before the shutdown notice: let a log that publishes elsewhere
+        (Redis) deliver what it published, at most SETTLE_MAX seconds, so
+        members still get every event accepted before the notice.  Only the
+        log's own sockets are served meanwhile."""
+        deadline = time.monotonic() + SETTLE_MAX
+        while not self.log.settled and time.monotonic() < deadline:
+            for key, mask in self.selector.select(0.05):
+                if key.data is _WAKEUP:
+                    _drain(key.fileobj)
+                elif not isinstance(key.data, (Client, str)):
+                    key.data.on_ready(mask)
+            self._commit()
+            self.log.flush()
+
     def _begin_shutdown(self) -> None:
         """Stop accepting, tell everyone, and let the loop flush and close."""
         log.info("shutting down: %d clients", len(self.clients))
@@ -754,6 +771,7 @@ class ChatServer:
             self.selector.unregister(self.listener)
         self.listener.close()
         self._commit()
+        self._settle_log()
         frame = protocol.encode_frame({"type": "shutdown",
                                        "message": "the server is shutting down"},
                                       self.limits.max_frame)

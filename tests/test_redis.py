@@ -466,3 +466,31 @@ def test_history_before_reaches_back_past_the_memory_copy_into_the_stream(
     assert [e["seq"] for e in events] == [16, 17, 18, 19, 20]
     # The transcript goes on after the pages, with no gap.
     assert say_and_wait(alice, "after") == "echoed"
+
+
+def test_a_message_published_before_shutdown_reaches_its_sender_first(
+        start_redis, node, open_client):
+    # "Members receive shutdown after every room event accepted before it":
+    # with Redis, an event is accepted once published, and its echo comes
+    # back later; the notice must wait for it.
+    redis = start_redis()
+    b = node(redis)
+    bob = open_client(b.port, "bob")
+    checked = 0
+    for trial in range(6):
+        a = node(redis)
+        alice = open_client(a.port, f"alice{trial}")
+        bob.recv_until(lambda m: m.get("member") == alice.label)
+        text = f"last words {trial}"
+        alice.send({"type": "say", "text": text})
+        time.sleep(0.002 * trial)  # a different moment each time
+        a.proc.send_signal(signal.SIGTERM)
+        _, before = alice.recv_until(lambda m: m["type"] == "shutdown")
+        alice.close()
+        _, seen = bob.recv_until(
+            lambda m: m["type"] == "leave" and m["member"] == alice.label, timeout=15)
+        if any(m.get("text") == text for m in seen):
+            checked += 1
+            assert any(m.get("text") == text for m in before), f"trial {trial}"
+        assert a.proc.wait(10) == 0
+    assert checked, "no trial published the message: nothing was checked"
