@@ -202,7 +202,6 @@ class ChatServer:
                         self._flush(tag)
                 except Exception:
                     self._internal_error(tag)
-        self._run_timers()
         for client in list(self._input_ready):
             self._input_ready.discard(client)
             if not client.closed:
@@ -212,6 +211,9 @@ class ChatServer:
                     self._internal_error(client)
         self._commit()
         self._flush_all()
+        # Timers last, as the room log expects (its tick, then its flush);
+        # what they queue (pings, wake-ups) makes the next select not wait.
+        self._run_timers()
         self.log.flush()
 
     def _internal_error(self, client: Client) -> None:
@@ -713,8 +715,7 @@ class ChatServer:
                        f"silent for {limits.idle_timeout:g} s", "timed_out")
         elif not client.pinged and now >= client.last_recv + limits.idle_timeout / 2:
             client.pinged = True
-            self.send(client, protocol.encode_frame({"type": "ping", "token": "idle"},
-                                                    self.limits.max_frame))
+            self.send(client, _IDLE_PING)
         if client.wake_at and now >= client.wake_at and not client.closing:
             client.wake_at = 0.0
             self._input_ready.add(client)  # its next token is due
@@ -791,6 +792,9 @@ class ChatServer:
             self.dirty.add(client)
         self.room.forget_all()
 
+
+# Every silent member is pinged with the same frame: encode it once.
+_IDLE_PING = protocol.encode_frame({"type": "ping", "token": "idle"})
 
 # sendmsg() takes at most IOV_MAX buffers; the rest go in the next call.
 _IOV_MAX = 1024
