@@ -37,7 +37,9 @@ def build_parser() -> cli.Parser:
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, run what it names, return the exit code
     (2 for a usage error such as ``--port=99999``)."""
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    cli.check_options(parser, args)
     if args.name is not None:
         return cli.run(args)
     from gateway import launcher

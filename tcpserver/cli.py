@@ -66,6 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse bad server option values as usage errors: one line, exit 2."""
+    try:
+        settings.check_server_options(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the server (``--name=server``) or a client; return the exit code.
 
@@ -88,4 +96,5 @@ def main(argv: list[str] | None = None) -> int:
     if args.name is None:
         parser.error("--name is required (server, or your name); run `chatroom` "
                      "with no --name for the server and the web gateway together")
+    check_options(parser, args)
     return run(args)

@@ -198,7 +198,26 @@ def storage_from_args(args: argparse.Namespace, limits: Limits) -> Storage:
 def trusted_networks(args: argparse.Namespace) -> tuple[IPNetwork, ...]:
     """Parse --trusted-proxy values; raise ValueError for a bad address."""
     values = args.trusted_proxy if args.trusted_proxy is not None else DEFAULT_TRUSTED_PROXIES
-    return tuple(ipaddress.ip_network(v, strict=False) for v in values)
+    try:
+        return tuple(ipaddress.ip_network(v, strict=False) for v in values)
+    except ValueError as exc:
+        raise ValueError(f"--trusted-proxy: {exc}") from None
+
+
+def check_server_options(args: argparse.Namespace) -> None:
+    """Check every server option a parser took (ranges, addresses, the
+    Redis URL) before anything starts; raise ValueError naming the option,
+    so a command line can report it as a usage error (exit 2)."""
+    limits = limits_from_args(args)
+    trusted_networks(args)
+    storage_from_args(args, limits)
+    if getattr(args, "redis", None):
+        from tcpserver.resp import RedisAddress
+
+        try:
+            RedisAddress(args.redis)
+        except ValueError as exc:
+            raise ValueError(f"--redis: {exc}") from None
 
 
 def arguments_to_argv(args: argparse.Namespace) -> list[str]:

@@ -3,6 +3,7 @@
 
 import argparse
 import ast
+import os
 import re
 import subprocess
 import sys
@@ -60,6 +61,28 @@ def test_out_of_range_port_is_one_line_and_exit_2(command):
     option = next(o for o in options if o.startswith("--") and "port" in o).split("=")[0]
     assert f"argument {option}:" in lines[0] and "out of range 0-65535" in lines[0]
     assert result.stdout == ""
+
+
+BAD_SERVER_VALUES = ["--redis=http://x", "--redis=redis://h/notanumber",
+                     "--trusted-proxy=garbage", "--retain-events=0", "--retain-days=-1",
+                     "--msg-rate=-1", "--max-frame=10", "--history=0"]
+
+
+@pytest.mark.parametrize("module", [CHATROOM, TCPSERVER], ids=["chatroom", "tcpserver"])
+@pytest.mark.parametrize("bad", BAD_SERVER_VALUES)
+def test_bad_server_option_values_are_one_usage_line(module, bad, tmp_path):
+    # Checked before anything starts, for the server and for bare chatroom
+    # (which passes them on), naming the option: never a log line, exit 2.
+    forms = [["--name=server", bad]] + ([[bad]] if module is CHATROOM else [])
+    for options in forms:
+        result = subprocess.run([sys.executable, *module, "--port=0", *options],
+                                capture_output=True, text=True, timeout=30, cwd=ROOT,
+                                stdin=subprocess.DEVNULL,
+                                env={**os.environ, "XDG_STATE_HOME": str(tmp_path)})
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and ": error: " + bad.split("=")[0] in lines[0], result.stderr
+        assert not list(tmp_path.iterdir())  # nothing was started or created
 
 
 def test_tcpserver_without_name_says_what_to_run():
