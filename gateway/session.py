@@ -214,8 +214,7 @@ class Session:
         payloads: list[bytes] = []
         bad: protocol.FrameError | None = None
         try:
-            decoder.receive_data(data)
-            payloads = decoder.payloads()
+            payloads = decoder.payloads(data)
             if payloads and decoder.buffered >= protocol.HEADER.size:
                 # A length header is left: this finds a bad one that stopped
                 # the first call (the frames before it are relayed first).

@@ -148,27 +148,47 @@ class FrameDecoder:
         self._pos = end
         return bytes(buf[pos + HEADER.size : end])
 
-    def payloads(self) -> list[bytes]:
-        """Return every whole payload buffered, oldest first (maybe none).
+    def payloads(self, data: bytes = b"") -> list[bytes]:
+        """Take ``data`` as ``receive_data`` would, then return every whole
+        payload held, oldest first (maybe none).
 
         The frames ``next_payload`` would return one by one, in one call:
         cheaper per frame when one read holds many (the web gateway's
-        relay).  A bad length after good frames ends the list there, and
-        the next call raises FrameError, so the good frames are not lost.
+        relay), and with nothing held from before, ``data`` is split where
+        it lies instead of being copied in first.  A bad length after good
+        frames ends the list there, and the next call raises FrameError, so
+        the good frames are not lost.
         """
-        buf, pos = self._buf, self._pos
-        size, limit, head = len(buf), self.max_frame_size, HEADER.size
+        limit, head = self.max_frame_size, HEADER.size
         unpack = HEADER.unpack_from
         out: list[bytes] = []
-        with memoryview(buf) as view:  # slices copy once, not twice
+        if data and self._pos == len(self._buf):
+            pos, size = 0, len(data)
             while size - pos >= head:
-                (length,) = unpack(buf, pos)
+                (length,) = unpack(data, pos)
                 end = pos + head + length
                 if end > size or not 0 < length <= limit:
                     break
-                out.append(bytes(view[pos + head : end]))
+                out.append(data[pos + head : end])  # a slice of bytes: one copy
                 pos = end
-        self._pos = pos
+            self._buf.clear()
+            self._pos = 0
+            if pos < size:
+                self._buf += memoryview(data)[pos:]
+        else:
+            if data:
+                self.receive_data(data)
+            buf, pos = self._buf, self._pos
+            size = len(buf)
+            with memoryview(buf) as view:  # slices copy once, not twice
+                while size - pos >= head:
+                    (length,) = unpack(buf, pos)
+                    end = pos + head + length
+                    if end > size or not 0 < length <= limit:
+                        break
+                    out.append(bytes(view[pos + head : end]))
+                    pos = end
+            self._pos = pos
         if not out:
             self.next_payload()  # raises FrameError if a bad length stopped us
         return out

@@ -54,6 +54,23 @@ def test_payloads_gives_what_next_payload_gives_in_one_call():
         assert decoder.payloads() == [] and decoder.buffered == 0
 
 
+def test_payloads_of_reads_in_any_split_give_every_frame_once():
+    stream = b"".join(protocol.encode_frame(m) for m in SAMPLES)
+    want = [protocol.encode_payload(m) for m in SAMPLES]
+    for cut in range(len(stream) + 1):
+        for second in range(cut, len(stream) + 1, 7):
+            decoder = FrameDecoder()
+            got = decoder.payloads(stream[:cut]) + decoder.payloads(stream[cut:second])
+            got += decoder.payloads(stream[second:])
+            assert got == want, (cut, second)
+            assert decoder.buffered == 0
+    decoder = FrameDecoder()
+    got = []
+    for i in range(len(stream)):
+        got += decoder.payloads(stream[i : i + 1])
+    assert got == want
+
+
 def test_payloads_before_a_bad_length_are_kept_then_it_raises():
     decoder = FrameDecoder(max_frame_size=100)
     good = protocol.encode_frame({"type": "ping"})
@@ -61,6 +78,10 @@ def test_payloads_before_a_bad_length_are_kept_then_it_raises():
     assert decoder.payloads() == [good[4:], good[4:]]
     with pytest.raises(FrameError):
         decoder.payloads()
+    fresh = FrameDecoder(max_frame_size=100)  # the same, fed straight from a read
+    assert fresh.payloads(good + good + struct.pack("!I", 0)) == [good[4:], good[4:]]
+    with pytest.raises(FrameError):
+        fresh.payloads()
 
 
 def test_trailing_partial_frame_is_kept_for_later():
