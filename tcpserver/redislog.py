@@ -414,7 +414,8 @@ class RedisLog(RoomLog):
 
     # --- RoomLog's storage hooks: everything held is in the mirror --------------------
 
-    def _store(self, events: list[tuple[int, bytes]]) -> None:
+    def _store(self, events: list[tuple[int, bytes]],
+               presence: list[tuple[bool, str]]) -> None:
         raise NotImplementedError  # commit() is overridden
 
     def _load(self, first: int, last: int, max_bytes: int) -> list[bytes]:

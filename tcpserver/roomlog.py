@@ -46,6 +46,9 @@ class RoomLog(abc.ABC):
     memory, so welcomes and reconnects do not touch storage.
     """
 
+    # Whether ``_store`` keeps who is in the room (for ``stranded``).
+    tracks_presence = False
+
     def __init__(self, max_frame: int, recent: int) -> None:
         self.max_frame = max_frame
         self.epoch = ""  # set by the implementation
@@ -55,6 +58,8 @@ class RoomLog(abc.ABC):
         self.stats = ServerStats()
         self._last_seq = 0  # committed
         self._staged: list[tuple[int, bytes]] = []
+        # (joined?, label) of the staged join and leave events, in order.
+        self._presence: list[tuple[bool, str]] = []
         self._recent: deque[tuple[int, bytes]] = deque(maxlen=max(recent, 1))
         self._tail_cache: tuple[tuple[int, int], bytes] | None = None
         # Committed frames never change, so cached pieces never go stale.
@@ -83,6 +88,8 @@ class RoomLog(abc.ABC):
         event["seq"] = self._last_seq + len(self._staged) + 1
         frame = protocol.encode_frame(event, self.max_frame)
         self._staged.append((event["seq"], frame))
+        if self.tracks_presence and event["type"] in ("join", "leave"):
+            self._presence.append((event["type"] == "join", event["member"]))
         return frame
 
     @property
@@ -95,9 +102,12 @@ class RoomLog(abc.ABC):
         in seq order, for delivery.  Raises StorageError, after which the
         staged events are gone and their numbers will be given again."""
         staged, self._staged = self._staged, []
+        presence, self._presence = self._presence, []
         if not staged:
+            if presence:
+                self._store([], presence)
             return []
-        self._store(staged)
+        self._store(staged, presence)
         self.stats.published += len(staged)
         self._recent.extend(staged)
         self._last_seq = staged[-1][0]
@@ -106,6 +116,7 @@ class RoomLog(abc.ABC):
     def discard_staged(self) -> None:
         """Drop staged events without storing them (a failed turn)."""
         self._staged.clear()
+        self._presence.clear()
 
     # --- reading --------------------------------------------------------
 
@@ -162,8 +173,23 @@ class RoomLog(abc.ABC):
     # --- for implementations -------------------------------------------
 
     @abc.abstractmethod
-    def _store(self, events: list[tuple[int, bytes]]) -> None:
-        """Write (seq, frame) pairs durably; raise StorageError."""
+    def _store(self, events: list[tuple[int, bytes]],
+               presence: list[tuple[bool, str]]) -> None:
+        """Write (seq, frame) pairs durably, and who the announced joins and
+        leaves among them leave in the room; raise StorageError."""
+
+    def note_left(self, label: str) -> None:
+        """A member left unannounced (a large room): stored with the turn."""
+        if self.tracks_presence:
+            self._presence.append((False, label))
+
+    def stranded(self) -> list[str]:
+        """Labels of members whose join was stored but whose leave never
+        was: the server stopped without a word (a crash, kill -9)."""
+        return []
+
+    def forget_members(self) -> None:
+        """An orderly shutdown announced everyone's departure at once."""
 
     @abc.abstractmethod
     def _load(self, first: int, last: int, max_bytes: int) -> list[bytes]:
@@ -247,7 +273,8 @@ class MemoryLog(RoomLog):
         super().__init__(max_frame, max(recent, retain))
         self.epoch = new_epoch()
 
-    def _store(self, events: list[tuple[int, bytes]]) -> None:
+    def _store(self, events: list[tuple[int, bytes]],
+               presence: list[tuple[bool, str]]) -> None:
         pass  # the in-memory ring filled by commit is the storage
 
     def _load(self, first: int, last: int, max_bytes: int) -> list[bytes]:

@@ -90,6 +90,10 @@ class Room:
         self._presence_sent = (0, 0.0)  # (count, when)
         self._large_announced = False
         self._storage_failing = False
+        # Members the log saw join but never leave: the server died under them.
+        for label in roomlog.stranded():
+            self._stage({"type": "leave", "member": label, "reason": "hung_up",
+                         "ts": now_ms()}, None)
         self._handlers = {
             "hello": self._on_hello, "say": self._on_say, "private": self._on_private,
             "who": self._on_who, "history": self._on_history, "ping": self._on_ping,
@@ -120,6 +124,8 @@ class Room:
         if self.presence.count() < self.limits.announce_limit:  # not large: announce it
             self._stage({"type": "leave", "member": client.label, "reason": reason,
                          "ts": now_ms()}, None)
+        else:
+            self.log.note_left(client.label)
         self.out.leaving(client)
 
     def replaced_elsewhere(self, client: Client) -> None:
@@ -137,6 +143,7 @@ class Room:
         for client in self.members.values():
             log.info("%s left (shutdown)", client.label)
         self.members.clear()
+        self.log.forget_members()
         self._names.clear()
 
     def commit(self) -> list[bytes]:

@@ -47,6 +47,8 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
     "CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY, ts INTEGER NOT NULL, "
     "frame BLOB NOT NULL)",
+    # Members announced in and not yet out: after a crash, their leaves.
+    "CREATE TABLE IF NOT EXISTS present (label TEXT PRIMARY KEY) WITHOUT ROWID",
 )
 # MIN and MAX in one SELECT would scan the table; as two subqueries each
 # is one B-tree descent.
@@ -54,6 +56,8 @@ _BOUNDS = "SELECT (SELECT MIN(seq) FROM events), (SELECT MAX(seq) FROM events)"
 _TAIL = "SELECT seq, frame FROM events WHERE seq >= ? ORDER BY seq"
 _INSERT = "INSERT INTO events (seq, ts, frame) VALUES (?, ?, ?)"
 _RANGE = "SELECT frame FROM events WHERE seq BETWEEN ? AND ? ORDER BY seq"
+_JOINED = "INSERT OR IGNORE INTO present (label) VALUES (?)"
+_LEFT = "DELETE FROM present WHERE label = ?"
 
 
 class SqliteLog(RoomLog):
@@ -67,6 +71,8 @@ class SqliteLog(RoomLog):
     opened, created, written or is not a database, or if another process
     holds it.
     """
+
+    tracks_presence = True
 
     def __init__(self, path: str | os.PathLike, max_frame: int, recent: int,
                  retain_events: int, retain_days: float = 0.0) -> None:
@@ -117,6 +123,8 @@ class SqliteLog(RoomLog):
             self._db_first = first if first is not None else self._last_seq + 1
             start = max(self._db_first, self._last_seq - self._recent.maxlen + 1)
             self._recent.extend(db.execute(_TAIL, (start,)))
+            # At most one row per member announced: bounded by the room, not the log.
+            self._stranded = [label for (label,) in db.execute("SELECT label FROM present")]
             _apply_test_page_cap(db)
         except BaseException:
             db.close()
@@ -125,12 +133,15 @@ class SqliteLog(RoomLog):
 
     # --- RoomLog ----------------------------------------------------------
 
-    def _store(self, events: list[tuple[int, bytes]]) -> None:
+    def _store(self, events: list[tuple[int, bytes]],
+               presence: list[tuple[bool, str]]) -> None:
         now = int(time.time() * 1000)
         db = self._db
         try:
             db.execute("BEGIN")
             db.executemany(_INSERT, [(seq, now, frame) for seq, frame in events])
+            for joined, label in presence:
+                db.execute(_JOINED if joined else _LEFT, (label,))
             db.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback()
@@ -159,6 +170,15 @@ class SqliteLog(RoomLog):
             # that one client, which can ask again).
             raise StorageError(f"cannot read events {first}..{last}: {exc}") from None
         return out
+
+    def stranded(self) -> list[str]:
+        return self._stranded
+
+    def forget_members(self) -> None:
+        try:
+            self._db.execute("DELETE FROM present")
+        except sqlite3.Error as exc:
+            log.warning("room log: could not record the shutdown: %s", exc)
 
     def _first_seq(self) -> int:
         # Events past --retain-events are gone for readers at once; prune

@@ -100,6 +100,36 @@ def test_a_restart_keeps_the_epoch_and_seq_continues(start_server, open_client, 
     assert fresh["epoch"] != welcome["epoch"] and fresh["last_seq"] == 0
 
 
+def test_members_a_crash_stranded_are_shown_leaving_after_the_restart(start_server,
+                                                                      open_client, tmp_path):
+    db = tmp_path / "room.db"
+    first = start_server(f"--db={db}")
+    alice, bob = open_client(first.port, "alice"), open_client(first.port, "bob")
+    bob.send({"type": "quit"})  # left properly: no second leave for bob
+    alice.recv_type("leave")
+    open_client(first.port, "carol")
+    alice.recv_type("join")
+    first.kill()  # alice and carol were in the room; nobody said they left
+
+    second = start_server(f"--db={db}")
+    dave = open_client(second.port)
+    dave.send({"type": "hello", "name": "dave"})
+    welcome = dave.recv_type("welcome")
+    replay = [dave.recv() for _ in range(welcome["history"])]
+    stranded = [(e["member"], e["reason"]) for e in replay[-2:]]
+    assert sorted(stranded) == [("alice@127.0.0.1", "hung_up"), ("carol@127.0.0.1", "hung_up")]
+    assert [e["type"] for e in replay[-2:]] == ["leave", "leave"]
+    dave.send({"type": "quit"})
+    assert dave.closed_by_server()
+    # An orderly stop strands nobody: the next start announces no leaves.
+    assert second.terminate() == 0
+    third = start_server(f"--db={db}")
+    erin = open_client(third.port)
+    again = erin.join("erin")
+    # dave joined and quit; the orderly stop added no leaves at this start.
+    assert again["last_seq"] == welcome["last_seq"] + 2
+
+
 def test_kill_9_during_a_burst_loses_nothing_anyone_received(start_server, tmp_path):
     db = tmp_path / "room.db"
     server = start_server(f"--db={db}", *FAST)
