@@ -188,7 +188,7 @@
     var text;
     var kind;
     if (code === CLOSE_RESTART) {
-      text = "The chat server is restarting. You will be reconnected when it is back\u2026";
+      text = "The chat server shut down (restarting or stopping). You will be reconnected when it is back\u2026";
       kind = "restart";
     } else if (code === CLOSE_LOST_SERVER) {
       text = "Lost the chat server: it stopped without notice. Reconnecting\u2026";
@@ -205,7 +205,7 @@
       return C.ERROR_TEXT[reason];
     }
     if (code === CLOSE_RESTART) {
-      return "The chat server is restarting. Try again in a moment.";
+      return "The chat server is restarting or stopping. Try again in a moment.";
     }
     if (code === CLOSE_LOST_SERVER) {
       return "The chat server is unreachable. Try again later.";
@@ -217,7 +217,7 @@
   }
 
   function reconnectDetail() {
-    return state.lostCode === CLOSE_RESTART ? "\u2014 the server is restarting"
+    return state.lostCode === CLOSE_RESTART ? "\u2014 the server is restarting or stopping"
       : state.lostCode === CLOSE_LOST_SERVER ? "\u2014 the chat server is unreachable" : "";
   }
 

@@ -250,7 +250,8 @@ class SqliteLog(RoomLog):
             os.close(self._lock_fd)
 
     def describe(self) -> str:
-        days = f", {self.retain_days:g} days" if self.retain_days > 0 else ""
+        days = "" if self.retain_days <= 0 else (
+            f", for {self.retain_days:g} day{'' if self.retain_days == 1 else 's'}")
         fresh = "new database, a new epoch; " if self.fresh else ""
         return f"sqlite {self.path} ({fresh}keeps {self.retain_events} events{days})"
 

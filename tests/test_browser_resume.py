@@ -135,8 +135,8 @@ def test_a_restart_and_a_lost_server_are_worded_differently(start_server, start_
     # An orderly stop: the server says shutdown, the gateway closes 1012.
     assert first.terminate() == 0
     expect(restart).to_have_count(1)
-    expect(restart).to_have_text(re.compile(r"restarting"))
-    expect(status).to_contain_text("the server is restarting")
+    expect(restart).to_have_text(re.compile(r"shut down \(restarting or stopping\)"))
+    expect(status).to_contain_text("the server is restarting or stopping")
     second = start_server("--max-per-ip=200", f"--port={first.port}")
     expect(alice.locator("#status")).to_have_attribute("data-state", "connected", timeout=BACK)
 
