@@ -183,4 +183,5 @@ def test_redis_nodes_count_their_own_publications_and_every_stream_event(
         assert value(samples, "chat_redis_round_trip_seconds_bucket", le="+Inf") == count
         assert value(samples, "chat_redis_round_trip_seconds_sum") > 0
         assert value(samples, "chat_stream_lag_events") == 0
+        assert value(samples, "chat_stream_lag_seconds") >= 0
         assert value(samples, "chat_deliveries_total") >= 3
