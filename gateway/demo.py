@@ -19,6 +19,7 @@ started, by PID and in reverse order; so does the death of any part (exit 1).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
 import re
@@ -66,7 +67,8 @@ class Child:
             # Its own session: Ctrl-C reaches only the demo, which then stops
             # the parts in order rather than all at once.
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+                                         stderr=subprocess.STDOUT, start_new_session=True,
+                                         preexec_fn=_die_with_parent)
         log.info("%s started as pid %d (log: %s)", name, self.proc.pid, self.log_path)
 
     @property
@@ -103,6 +105,19 @@ class Child:
                         self.proc.pid, STOP_TIMEOUT)
             self.proc.kill()
             self.proc.wait()
+
+
+def _die_with_parent() -> None:
+    # In the child, before exec: should the demo itself be killed (kill -9),
+    # Linux sends the part SIGTERM rather than leave it running unowned.
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux: Ctrl-C still stops every part
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 class Demo:

@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import subprocess
+import time
 import urllib.request
 from pathlib import Path
 
@@ -225,11 +226,12 @@ def test_render_refuses_no_gateways(tmp_path):
 
 
 def _gone(pid: int) -> bool:
+    """True once ``pid`` has exited (a zombie nobody reaped yet counts)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
         return True
-    return False
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
 
 
 def test_demo_runs_one_room_over_two_nodes_and_ctrl_c_stops_every_part(tmp_path, open_client):
@@ -326,3 +328,38 @@ def test_pages_on_both_gateways_and_terminals_on_both_servers_chat_in_one_room(
     assert all(order == orders[0] for order in orders), orders
     assert sorted(orders[0]) == sorted(said.values())
     assert pages.problems == []
+
+
+def test_demo_stops_every_part_when_one_dies_or_when_it_is_killed(tmp_path):
+    require_nginx()
+
+    def start() -> tuple[Program, dict[str, int]]:
+        demo = Program(tmp_path, "-m", "gateway.demo", "--port=0",
+                       f"--state={tmp_path / 'state'}")
+        demo.wait_log(r"chat room ready", timeout=60)
+        return demo, {name: int(pid) for name, pid in
+                      re.findall(r"(\S+) started as pid (\d+)", demo.log_text())}
+
+    demo, pids = start()
+    try:
+        os.kill(pids["server-b"], signal.SIGKILL)
+        assert demo.proc.wait(60) == 1
+        demo.wait_log(r"server-b died \(exit code -9\)")
+        assert all(_gone(pid) for pid in pids.values()), demo.log_text()
+    finally:
+        demo.kill()
+
+    # kill -9 of the demo itself: the parts are told by the kernel.
+    demo, pids = start()
+    try:
+        demo.proc.kill()
+        demo.proc.wait(10)
+        deadline = time.monotonic() + 30
+        while not all(_gone(pid) for pid in pids.values()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert all(_gone(pid) for pid in pids.values())
+    finally:
+        for pid in pids.values():  # only the demo's own parts, by PID
+            if not _gone(pid):
+                os.kill(pid, signal.SIGKILL)
+        demo.kill()
