@@ -82,6 +82,9 @@ class RedisPresence(Presence):
         # costs one member list per turn, not one per join.
         self._batch: list[list] = []
         self._first_up = True
+        self._registered = False
+        # Casefolded names claimed but not yet members here (count per name).
+        self._claiming: dict[str, int] = {}
 
     def key(self, name: str) -> str:
         """This node's key ``name`` (alive, members, inbox)."""
@@ -101,6 +104,7 @@ class RedisPresence(Presence):
         cmd = self.log.cmd
         cmd.command("SET", self.key("alive"), "1", "PX", NODE_TTL_MS)
         cmd.command("SADD", self.log.key("nodes"), self.node)
+        self._registered = True  # a heartbeat's SADD answering 1 now means reaped
         grace = 0.0 if self._first_up else REAP_GRACE
         self._first_up = False
         self._next_reap = time.monotonic() + max(grace, REAP_EVERY)
@@ -113,6 +117,9 @@ class RedisPresence(Presence):
         pairs: list[str] = []
         for key, client in self.room.members.items():
             pairs += [key, self._value(client.label, client.resume)]
+        # Claimed (or being claimed) but not a member here yet: keep it.
+        for key in self._claiming:
+            pairs += [key, ""]
         self._run("sync", ["epoch", "seq", "stream", "names", "index"],
                   [self.log.epoch, self.log.retain, self.log.prefix, self.node, now_ms(),
                    self.room.limits.announce_limit, *pairs], self._reasserted)
@@ -138,11 +145,15 @@ class RedisPresence(Presence):
         # 1: we had been unregistered, i.e. reaped as dead (the loop or the
         # link stalled past the TTL): put our members back at once.
         self.log.cmd.command("SADD", self.log.key("nodes"), self.node,
-                             callback=lambda added: added == 1 and self._sync())
+                             callback=self._still_registered)
         self.log.cmd.command("HLEN", self.log.key("names"), callback=self._set_count)
         if now >= self._next_reap:
             self._next_reap = now + REAP_EVERY
             self._reap("hung_up", "")
+
+    def _still_registered(self, added: Any) -> None:
+        if added == 1 and self._registered:
+            self._sync()
 
     def _reap(self, reason: str, node: str) -> None:
         self._run("reap", ["epoch", "seq", "stream", "nodes", "names", "index"],
@@ -179,7 +190,15 @@ class RedisPresence(Presence):
         return f"{self.node}\n{token}\n{json.dumps(label, ensure_ascii=False)}"
 
     def claim(self, client, key, label, token, resume, done) -> None:
-        entry: list = [done, None]
+        self._claiming[key] = self._claiming.get(key, 0) + 1
+
+        def finish(claim: Claim) -> None:
+            left = self._claiming.pop(key) - 1
+            if left:
+                self._claiming[key] = left
+            done(claim)
+
+        entry: list = [finish, None]
         self._batch.append(entry)
 
         def reply(result: Any) -> None:

@@ -93,7 +93,8 @@ return redis.call('HLEN', KEYS[1])
 
 SYNC = """
 -- KEYS: epoch, seq, stream, names, index.  ARGV: epoch, retain, prefix, node,
--- ts, announce_limit, then (key, value) pairs: this node's members now.
+-- ts, announce_limit, then (key, value) pairs: this node's members now
+-- (value '' for a name whose claim is still on its way).
 -- Run on each reconnect: puts back members that are missing (returns their
 -- keys), and takes out, with a leave, those that left while Redis was away.
 """ + PUBLISH_ONE + """
@@ -102,12 +103,15 @@ local set = ARGV[3] .. 'node:' .. ARGV[4] .. ':members'
 local mine, missing = {}, {}
 for i = 7, #ARGV, 2 do
   mine[ARGV[i]] = true
-  if redis.call('HSETNX', KEYS[4], ARGV[i], ARGV[i + 1]) == 1 then
-    redis.call('ZADD', KEYS[5], 0, ARGV[i])
-    missing[#missing + 1] = ARGV[i]
-  end
-  if redis.call('HGET', KEYS[4], ARGV[i]) == ARGV[i + 1] then
-    redis.call('SADD', set, ARGV[i])
+  -- An empty value: a claim still on its way (left as it is).
+  if ARGV[i + 1] ~= '' then
+    if redis.call('HSETNX', KEYS[4], ARGV[i], ARGV[i + 1]) == 1 then
+      redis.call('ZADD', KEYS[5], 0, ARGV[i])
+      missing[#missing + 1] = ARGV[i]
+    end
+    if redis.call('HGET', KEYS[4], ARGV[i]) == ARGV[i + 1] then
+      redis.call('SADD', set, ARGV[i])
+    end
   end
 end
 for _, key in ipairs(redis.call('SMEMBERS', set)) do

@@ -25,7 +25,8 @@ class RoomHarness:
         self.limits = Limits(**limits)
         self.log = roomlog or MemoryLog(self.limits.max_frame, self.limits.history, 10_000)
         trusted = tuple(ipaddress.ip_network(net) for net in DEFAULT_TRUSTED_PROXIES)
-        self.room = Room(self.limits, self.log, self, trusted)
+        # A log shared with other processes (Redis) brings its presence.
+        self.room = Room(self.limits, self.log, self, trusted, self.log.make_presence())
         self.sent: list[tuple[Client, bytes, bool]] = []
         self.stream: list[bytes] = []
         self.replays: list[tuple[Client, int, int]] = []

@@ -499,3 +499,4 @@ def test_a_message_published_before_shutdown_reaches_its_sender_first(
             assert any(m.get("text") == text for m in before), f"trial {trial}"
         assert a.proc.wait(10) == 0
     assert checked, "no trial published the message: nothing was checked"
+
