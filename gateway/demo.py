@@ -137,6 +137,10 @@ class Demo:
     def start(self) -> str:
         """Start every part; return the URL.  Raises StartError (the parts
         already started keep running until ``stop``)."""
+        # Checked first, so a busy port starts nothing (nginx binds last; a
+        # program taking the port meanwhile still stops the demo, in one line).
+        if not deploy.port_is_free("127.0.0.1", self.port):
+            raise StartError(f"port {self.port} is busy (choose another with --port)")
         logs = self.state / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         redis_url = self._start_redis(logs)
@@ -163,7 +167,7 @@ class Demo:
         self.prefix = Path(tempfile.mkdtemp(prefix="chatroom-nginx-"))
         conf = deploy.render_nginx(self.prefix, f"127.0.0.1:{self.port}", gateways)
         nginx = self._spawn("nginx", deploy.nginx_argv(conf), logs)
-        if not deploy.wait_port("127.0.0.1", self.port, START_TIMEOUT, lambda: nginx.alive):
+        if not deploy.wait_nginx(conf, nginx.proc.pid, START_TIMEOUT, lambda: nginx.alive):
             error_log = self.prefix / "error.log"
             detail = error_log.read_text(errors="replace").strip().splitlines()[-1:] \
                 if error_log.exists() else []

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 import urllib.request
@@ -61,8 +62,8 @@ class NginxProcess:
         self._out = open(prefix / "stdout.log", "wb")
         self.proc = subprocess.Popen(deploy.nginx_argv(self.conf), stdin=subprocess.DEVNULL,
                                      stdout=self._out, stderr=subprocess.STDOUT)
-        if not deploy.wait_port("127.0.0.1", self.port, NGINX_TIMEOUT,
-                                lambda: self.proc.poll() is None):
+        if not deploy.wait_nginx(self.conf, self.proc.pid, NGINX_TIMEOUT,
+                                 lambda: self.proc.poll() is None):
             self.stop()
             raise RuntimeError(f"nginx did not start:\n{self.error_log()}")
         self.url = f"http://127.0.0.1:{self.port}/"
@@ -363,3 +364,22 @@ def test_demo_stops_every_part_when_one_dies_or_when_it_is_killed(tmp_path):
             if not _gone(pid):
                 os.kill(pid, signal.SIGKILL)
         demo.kill()
+
+
+def test_demo_with_its_port_taken_says_so_and_starts_nothing_else(tmp_path):
+    require_nginx()
+    taken = socket.create_server(("127.0.0.1", 0))
+    port = taken.getsockname()[1]
+    try:
+        demo = Program(tmp_path, "-m", "gateway.demo", f"--port={port}",
+                       f"--state={tmp_path / 'state'}")
+        try:
+            assert demo.proc.wait(60) == 1
+        finally:
+            demo.kill()
+    finally:
+        taken.close()
+    log = demo.log_text()
+    assert f"port {port} is busy (choose another with --port)" in log
+    assert "chat room ready" not in log
+    assert "started as pid" not in log

@@ -91,6 +91,34 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def port_is_free(host: str, port: int) -> bool:
+    """True if ``host:port`` can be bound now (nothing listens there)."""
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def wait_nginx(conf: Path, pid: int, timeout: float, alive=lambda: True) -> bool:
+    """Poll until nginx started on ``conf`` (its master ``pid``) has written
+    its pid file, which it does only once its listening sockets are bound;
+    False if ``timeout`` seconds pass or ``alive()`` turns False first."""
+    pid_file = conf.parent / "nginx.pid"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if pid_file.read_text().strip() == str(pid):
+                return True
+        except FileNotFoundError:
+            pass
+        if not alive():
+            return False
+        time.sleep(0.05)
+    return False
+
+
 def wait_port(host: str, port: int, timeout: float, alive=lambda: True) -> bool:
     """Poll until ``host:port`` accepts a TCP connection; False if ``timeout``
     seconds pass or ``alive()`` turns False first."""
