@@ -32,7 +32,7 @@ class Client:
         "sock", "fd", "peer_ip", "ip", "decoder", "name", "label",
         "pos", "stop_at", "queue", "queued_bytes", "reply_bytes", "replay", "hold_at",
         "writing", "reading", "resume", "waiting", "proxied",
-        "tokens", "token_time", "held", "throttled_since", "wake_at", "timer_at",
+        "tokens", "token_time", "held", "wake_at", "timer_at",
         "connected_at", "last_recv", "pinged", "partial_since",
         "closing", "close_deadline", "fin_sent", "closed",
     )
@@ -62,7 +62,6 @@ class Client:
         # A frame decoded but waiting for a token (fake lag): a parsed
         # message, or the MessageError it raised (garbage costs a token too).
         self.held: dict | protocol.MessageError | None = None
-        self.throttled_since = 0.0  # first wait for a token since input last ran dry, or 0
         self.wake_at = 0.0  # when the next token is due for a held frame, or 0
         self.timer_at = float("inf")  # its live entry in the server's Deadlines
         self.connected_at = now

@@ -126,6 +126,19 @@ class FrameDecoder:
         """Bytes held that do not yet make a whole frame."""
         return len(self._buf) - self._pos
 
+    def whole_frames(self, limit: int) -> int:
+        """How many whole frames are buffered, counting no further than
+        ``limit`` (so the cost is bounded).  Does not check lengths: a bad
+        one is found, and raised, by ``next_payload``."""
+        buf, pos, count = self._buf, self._pos, 0
+        while count < limit and len(buf) - pos >= HEADER.size:
+            (length,) = HEADER.unpack_from(buf, pos)
+            pos += HEADER.size + length
+            if length == 0 or pos > len(buf):
+                break
+            count += 1
+        return count
+
     def next_payload(self) -> bytes | None:
         """Return the next whole payload, or None if more data is needed.
 

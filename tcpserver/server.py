@@ -325,7 +325,6 @@ class ChatServer:
                 except protocol.FrameError as exc:
                     return self._fail(client, exc.code, exc.message, "protocol_error")
                 if payload is None:
-                    client.throttled_since = 0.0  # caught up
                     break
                 try:
                     message = protocol.parse_client_message(payload)
@@ -352,12 +351,15 @@ class ChatServer:
         if client.closed:
             return
         if throttled and not client.closing:
-            if not client.throttled_since:
-                client.throttled_since = self.now
-            elif self.now - client.throttled_since > self.limits.flood_seconds:
-                return self._fail(client, "flooding", "disconnected for flooding: input waited "
-                                  f"over {self.limits.flood_seconds:g} s for the rate limit "
-                                  f"({self.limits.msg_rate:g} messages a second)", "flooding")
+            # Flooding is a backlog that takes too long to work off at the
+            # rate, not time spent waiting: a stall bunches a polite
+            # sender's frames, but only a flooder's pile keeps growing.
+            limits = self.limits
+            bound = max(1, int(limits.msg_rate * limits.flood_seconds))
+            if 1 + decoder.whole_frames(bound) > bound:
+                return self._fail(client, "flooding", f"disconnected for flooding: over {bound} "
+                                  f"messages waiting for the rate limit ({limits.msg_rate:g} a "
+                                  "second)", "flooding")
             client.wake_at = self.now + (1 - client.tokens) / self.limits.msg_rate
             self.deadlines.schedule(client, client.wake_at)
         waiting = busy or throttled

@@ -85,12 +85,11 @@ class Limits:
     # rate are not refused: they wait their turn (IRC's "fake lag").
     msg_rate: float = 10.0
     msg_burst: int = 30
-    # How long input may keep waiting for the rate limit, without the
-    # client ever catching up, before it is disconnected for flooding.  A
-    # member who sent at a fifth of the rate through a 20 s stall waits
-    # about 1 s; one who floods is cut off after this, having got about
-    # msg_burst + msg_rate * flood_seconds frames through.
-    flood_seconds: float = 10.0
+    # Input waiting for the rate limit may hold this many seconds' worth of
+    # frames (msg_rate * flood_seconds: 300) before the client is cut off
+    # for flooding.  A stall bunches a polite sender's frames (a 60 s stall
+    # at 5 a second is 300); a flooder's backlog grows until it passes.
+    flood_seconds: float = 30.0
     # Output backlog past which a client is evicted as a slow reader; this
     # also bounds the shared room buffer.
     slow_reader_bytes: int = 1024 * 1024

@@ -90,3 +90,38 @@ def test_a_throttled_sender_is_pushed_back_by_tcp(start_server, open_client):
     assert accepted < 16 * 1024 * 1024
     bob.send({"type": "say", "text": "bob is not slowed"})
     alice.recv_until(lambda m: m.get("text") == "bob is not slowed")
+
+
+def test_a_sender_just_under_the_rate_is_not_cut_off_after_a_stall(start_server, open_client):
+    # 18 a second against a rate of 20: after a 3 s stall its backlog drains
+    # at only 2 a second while it keeps sending, so it waits for seconds
+    # without catching up. That is a stall, not flooding: nothing is lost.
+    server = start_server("--max-per-ip=100", "--msg-rate=20", "--msg-burst=5",
+                          "--flood-seconds=3")
+    watcher = open_client(server.port, "watcher")
+    sender = open_client(server.port, "sender")
+    watcher.recv_until(lambda m: m.get("member") == "sender@127.0.0.1")
+    sent = 0
+
+    def send_for(seconds: float) -> None:
+        nonlocal sent
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            sender.send({"type": "say", "text": f"line {sent}"})
+            sent += 1
+            time.sleep(1 / 18)
+
+    send_for(1.0)
+    server.proc.send_signal(signal.SIGSTOP)
+    try:
+        send_for(3.0)
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+    send_for(4.0)
+    got = []
+    while len(got) < sent:
+        msg = watcher.recv(timeout=15)
+        assert msg["type"] == "message", msg
+        got.append(msg["text"])
+    assert got == [f"line {i}" for i in range(sent)]
+    assert "flooding" not in server.log_text()
