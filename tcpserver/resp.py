@@ -312,8 +312,8 @@ class RedisConnection:
         error = ConnectionError(f"redis: {reason}")
         for callback, _ in callbacks:
             _call(callback, error)
-        if was_up and self.on_down is not None:
-            self.on_down(reason)
+        if was_up and retry and self.on_down is not None:
+            self.on_down(reason)  # not for a close on purpose
 
     def _schedule_retry(self, now: float, reason: str, quiet: bool = False) -> None:
         self.state = "down"
