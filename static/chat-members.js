@@ -232,10 +232,13 @@
     var large = msg.large !== false;
     if (large && !state.large) {
       showLarge(true);
-    } else if (!large && state.large) {
-      // Small again: joins and leaves are announced from here on, and a
-      // whole list replaces whatever the pager had.
-      showLarge(false);
+    } else if (!large) {
+      // Small (again): joins and leaves are announced from here on, and a
+      // whole list replaces whatever we had, which missed some (the room
+      // was large for a moment, or could not record them).
+      if (state.large) {
+        showLarge(false);
+      }
       askWholeList();
     }
   }

@@ -89,6 +89,9 @@ class Room:
         self._staged_by: list[Client | None] = []  # who staged each event
         self._presence_sent = (0, 0.0)  # (count, when)
         self._large_announced = False
+        # A join or leave went unannounced (large room, failed commit): the
+        # next tick's presence makes clients fetch the list again.
+        self._unannounced = False
         self._storage_failing = False
         # Members the log saw join but never leave: the server died under them.
         for label in roomlog.stranded():
@@ -126,6 +129,7 @@ class Room:
                          "ts": now_ms()}, None)
         else:
             self.log.note_left(client.label)
+            self._unannounced = True
         self.out.leaving(client)
 
     def replaced_elsewhere(self, client: Client) -> None:
@@ -160,6 +164,7 @@ class Room:
                 log.error("room log: %s; events are not published until storing works "
                           "again", exc)
             self._storage_failing = True
+            self._unannounced = True  # joins or leaves may have been among them
             log.debug("room log: %d events not published", len(staged_by))
             self._unavailable(staged_by)
             return []
@@ -176,15 +181,18 @@ class Room:
                             "the room cannot store messages right now; send it again later")
 
     def tick(self, now: float) -> None:
-        """Send the member count of a large room, at most every 0.25 s."""
+        """Send the member count of a large room, at most every 0.25 s, and
+        once after joins or leaves went unannounced (``large: false`` then
+        tells clients of a small room to fetch the whole list again)."""
         count, when = self._presence_sent
         large = self.large
-        if large or self._large_announced:
+        if large or self._large_announced or self._unannounced:
             members = self.presence.count()
-            if (count != members or large != self._large_announced) \
+            if (count != members or large != self._large_announced or self._unannounced) \
                     and now - when >= PRESENCE_INTERVAL:
                 self._presence_sent = (members, now)
                 self._large_announced = large
+                self._unannounced = False
                 self.out.broadcast(self._encode({"type": "presence", "count": members,
                                                  "large": large}))
 
@@ -199,6 +207,13 @@ class Room:
         held = self.members.get(key)
         if held is not None and not _same_secret(held.resume, message.get("resume")):
             raise protocol.MessageError("name_taken", f"the name {name!r} is taken")
+        degraded = self.log.degraded
+        if self._storage_failing and degraded is not None:
+            # Its join could not be recorded: better no member than a ghost.
+            # (A Redis room refuses through its claim instead.)
+            raise protocol.MessageError(
+                "room_unavailable", f"the room cannot take new members right now ({degraded}); "
+                "try again later")
         address = self._client_address(client, message.get("forwarded_for"))
         if not self.out.address_admitted(client, address):
             self._error(client, "too_many_connections", f"too many connections from {address}")
@@ -245,6 +260,8 @@ class Room:
         log.info("%s joined", client.label)
         if not self.large:
             self._stage({"type": "join", "member": client.label, "ts": now_ms()}, None)
+        else:
+            self._unannounced = True
 
     def _welcome(self, client: Client, labels: list[str] | None) -> None:
         # The welcome and replayed history are queued at the current end of
@@ -276,9 +293,14 @@ class Room:
             log.info("%s: ignored forwarded_for from an untrusted peer", client.peer_ip)
             return client.ip
         try:
-            return str(ipaddress.ip_address(forwarded))
+            address = ipaddress.ip_address(forwarded)
         except ValueError:
+            address = None
+        # A zone ("fe80::1%eth0") would carry free text into the label.
+        if address is None or getattr(address, "scope_id", None) is not None:
             raise protocol.MessageError("bad_message", "forwarded_for is not an IP address")
+        mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:a.b.c.d is a.b.c.d
+        return str(mapped or address)
 
     def _on_say(self, client: Client, message: dict) -> None:
         self._require_member(client)
@@ -318,7 +340,7 @@ class Room:
         start = bisect.bisect_left(names, prefix)
         cursor = message.get("cursor")
         if cursor is not None:
-            start = max(start, bisect.bisect_right(names, cursor))
+            start = max(start, bisect.bisect_right(names, cursor.casefold()))
         page: list[Client] = []
         for i in range(start, min(start + limit, len(names))):
             if not names[i].startswith(prefix):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -175,8 +176,8 @@ def limits_from_args(args: argparse.Namespace) -> Limits:
     """Build Limits from parsed options; raise ValueError if one is out of range."""
     limits = Limits(**{f.name: getattr(args, f.name) for f in fields(Limits)})
     for f in fields(Limits):
-        if getattr(limits, f.name) <= 0:
-            raise ValueError(f"--{f.name.replace('_', '-')} must be positive")
+        if not 0 < getattr(limits, f.name) < math.inf:  # also refuses nan and inf
+            raise ValueError(f"--{f.name.replace('_', '-')} must be a positive number")
     if limits.max_frame < MIN_FRAME:
         raise ValueError(f"--max-frame must be at least {MIN_FRAME}")
     return limits
@@ -192,7 +193,7 @@ def storage_from_args(args: argparse.Namespace, limits: Limits) -> Storage:
         retain = limits.history if db == MEMORY_DB else DEFAULT_RETAIN_EVENTS
     if retain <= 0:
         raise ValueError("--retain-events must be positive")
-    if not args.retain_days >= 0:  # also refuses nan
+    if not 0 <= args.retain_days < math.inf:  # also refuses nan
         raise ValueError("--retain-days must be 0 (no age limit) or positive")
     return Storage(db, retain, args.retain_days)
 

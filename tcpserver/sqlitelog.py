@@ -262,6 +262,10 @@ def _lock(path: Path) -> int:
     lock_path = path.with_name(path.name + ".lock")
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Beside the file itself: a symlink to a database in use must not
+        # dodge its lock.
+        real = path.resolve()
+        lock_path = real.with_name(real.name + ".lock")
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except FileExistsError as exc:  # mkdir met a file where a directory should be
         raise StorageError(f"cannot use the room database {path}: {exc.filename} "

@@ -65,7 +65,8 @@ def test_out_of_range_port_is_one_line_and_exit_2(command):
 
 BAD_SERVER_VALUES = ["--redis=http://x", "--redis=redis://h/notanumber",
                      "--trusted-proxy=garbage", "--retain-events=0", "--retain-days=-1",
-                     "--msg-rate=-1", "--max-frame=10", "--history=0"]
+                     "--msg-rate=-1", "--max-frame=10", "--history=0", "--msg-rate=nan",
+                     "--idle-timeout=inf", "--retain-days=nan", "--shutdown-grace=nan"]
 
 
 @pytest.mark.parametrize("module", [CHATROOM, TCPSERVER], ids=["chatroom", "tcpserver"])

@@ -361,6 +361,17 @@ def test_a_second_server_on_the_same_database_is_refused_naming_the_first(
     start_server(f"--db={db}")
 
 
+def test_a_symlink_to_a_database_in_use_is_refused_too(start_server, tmp_path):
+    db = tmp_path / "room.db"
+    first = start_server(f"--db={db}")
+    (tmp_path / "elsewhere").mkdir()
+    link = tmp_path / "elsewhere" / "room.db"
+    link.symlink_to(db)
+    second = start_failing(tmp_path, f"--db={link}")
+    assert second.proc.returncode == 1
+    assert f"is in use by another chat server (pid {first.proc.pid}" in one_error_line(second)
+
+
 def test_a_full_disk_refuses_messages_then_the_room_recovers_by_itself(
         start_server, open_client, tmp_path):
     db, cap = tmp_path / "room.db", tmp_path / "max-pages"

@@ -6,6 +6,7 @@ import pytest
 from room_harness import RoomHarness
 
 from tcpserver import protocol
+from tcpserver.roomlog import MemoryLog, StorageError
 
 
 @pytest.fixture
@@ -215,3 +216,82 @@ def test_a_reconnect_storm_shares_replay_pieces(harness):
     decoder.receive_data(blob)
     seqs = [protocol.parse_server_message(p)["seq"] for p in iter(decoder.next_payload, None)]
     assert seqs == list(range(3, next_seq)) and len(blob) <= 300 and next_seq <= 41
+
+
+def test_crossing_the_limit_and_back_within_a_tick_still_tells_everyone(harness):
+    h = harness(announce_limit=2)
+    alice, bob = h.join("alice"), h.join("bob")
+    h.room.tick(100.0)
+    carol = h.join("carol")  # large for a moment: not announced
+    h.room.leave(bob, "quit")  # small again: not announced either
+    h.commit()
+    assert [m["type"] for m in h.stream_messages()] == ["join", "join"]
+    h.room.tick(100.5)
+    # The count did not change since the last look, but two changes went
+    # unannounced: a presence tells clients to fetch the whole list.
+    assert h.stream_messages()[-1] == {"type": "presence", "count": 2, "large": False}
+    h.room.tick(101.0)
+    assert len(h.stream_messages()) == 3
+    assert carol.name == "carol" and alice.name == "alice"
+
+
+class FailingLog(MemoryLog):
+    """A log whose storing can be made to fail, as a full disk does."""
+
+    failing = False
+
+    def _store(self, events, presence) -> None:
+        if self.failing:
+            raise StorageError("storage: database or disk is full")
+
+    @property
+    def degraded(self):
+        return "storage: database or disk is full" if self.failing else None
+
+
+def test_a_storage_fault_refuses_joins_and_refreshes_lists_after(harness):
+    log = FailingLog(65536, 100, 1000)
+    h = RoomHarness(roomlog=log)
+    try:
+        alice, bob = h.join("alice"), h.join("bob")
+        h.room.tick(10.0)
+        log.failing = True
+        h.room.leave(bob, "quit")
+        h.commit()  # the leave could not be stored, so it was not sent
+        assert [m["type"] for m in h.stream_messages()] == ["join", "join"]
+        with pytest.raises(protocol.MessageError) as refused:
+            h.room.handle(h.connect(), {"type": "hello", "name": "carol"})
+        assert refused.value.code == "room_unavailable"
+        assert "disk is full" in refused.value.message
+        log.failing = False
+        h.room.tick(11.0)  # clients fetch the list again: bob is gone
+        assert h.stream_messages()[-1] == {"type": "presence", "count": 1, "large": False}
+        assert h.join("carol").name == "carol"
+        assert alice.name == "alice"
+    finally:
+        h.shutdown()
+
+
+@pytest.mark.parametrize("forwarded", ["fe80::1%evil@x y", "fe80::1%eth0", "1.2.3.4/8", "host"])
+def test_forwarded_for_must_be_a_plain_address(harness, forwarded):
+    h = harness()
+    with pytest.raises(protocol.MessageError) as refused:
+        h.room.handle(h.connect(), {"type": "hello", "name": "bob", "forwarded_for": forwarded})
+    assert refused.value.code == "bad_message" and not h.room.members
+
+
+def test_an_ipv4_mapped_forwarded_address_is_labelled_as_ipv4(harness):
+    h = harness()
+    bob = h.join("bob", forwarded_for="::ffff:203.0.113.9")
+    assert bob.label == "bob@203.0.113.9"
+
+
+def test_a_who_cursor_ignores_case(harness):
+    h = harness(announce_limit=2)
+    for name in ("amy", "Bea", "cy", "dee"):
+        h.join(name)
+    asker = h.clients[0]
+    h.sent.clear()
+    h.room.handle(asker, {"type": "who", "limit": 2, "cursor": "BEA"})
+    (page,) = h.messages_for(asker)
+    assert [label.split("@")[0] for label in page["members"]] == ["cy", "dee"]
