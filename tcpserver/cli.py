@@ -81,9 +81,9 @@ def run(args: argparse.Namespace) -> int:
     ``args.name`` must not be None.
     """
     if args.name == "server":
-        from tcpserver import server
+        from tcpserver import startup
 
-        return server.main(args)
+        return startup.main(args)
     from tcpserver import client
 
     return client.run(args.name, args.host, args.port)
