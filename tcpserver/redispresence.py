@@ -20,7 +20,11 @@ unregisters the node -- all in one script, so two survivors reaping at once
 publish each leave once.  A node that reconnected to Redis waits
 ``REAP_GRACE`` before reaping, so that after a Redis restart every live
 node has had time to renew its key; on reconnecting it re-asserts its
-registration and members (publishing a ``join`` for any that were reaped).
+registration and members (``SYNC``: a ``join`` for any that were reaped, a
+``leave`` for any that left while Redis was away), and so does a node whose
+heartbeat finds it unregistered (it stalled past the TTL and was reaped).
+A join storm costs one ``ROSTER`` (the member list) per loop turn, which
+serves every welcome of that turn.
 """
 
 from __future__ import annotations

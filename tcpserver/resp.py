@@ -14,8 +14,10 @@ one loop, and every piece of room state is touched only by that loop.  A
 thread would need locks or a queue plus a wake-up socketpair for every reply,
 and its blocking calls would hide latency in a place the loop cannot see.
 Here the loop never blocks on Redis: a slow or dead Redis is just a peer
-whose replies have not come yet.  A blocking read (``XREAD BLOCK``) gets its
-own connection, where waiting costs the loop nothing.
+whose replies have not come yet.  (The one bounded wait, at most 2 ms for a
+turn's own publications to come back, is ``RedisLog._await_delivery``.)
+A blocking read (``XREAD BLOCK``) gets its own connection, where waiting
+costs the loop nothing.
 
 Failures: every way a connection can break (refused, reset, EOF, a protocol
 error, a reply that never comes) ends in ``_fail``: the socket is closed,
