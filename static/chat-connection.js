@@ -341,7 +341,15 @@
     var text = code === "name_taken"
       ? "The name \u201c" + state.name + "\u201d is taken. Try another."
       : C.ERROR_TEXT[code] || msg.message || code;
-    if (!state.joined && (code === "name_taken" || code === "name_invalid")) {
+    if (!state.joined && code === "room_unavailable" && state.everJoined) {
+      // A room kept in Redis cannot check names while Redis is away: the
+      // hello of a rejoin is asked again until it can.
+      C.setStatus("reconnecting", "\u2014 the room is unavailable");
+      state.helloTimer = window.setTimeout(sendHello, NAME_TAKEN_RETRY_MS);
+      return;
+    }
+    if (!state.joined && (code === "name_taken" || code === "name_invalid" ||
+                          code === "room_unavailable")) {
       if (!state.everJoined) {
         // The socket stays open: the next Join sends another hello on it.
         state.joinPending = false;
