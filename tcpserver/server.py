@@ -114,7 +114,8 @@ class ChatServer:
         self.clients: dict[int, Client] = {}  # by fd
         self.streaming: set[Client] = set()  # clients reading the room stream
         self.dirty: set[Client] = set()  # clients with new private frames
-        self._leaving: list[Client] = []  # stream them up to this turn's events
+        self._leaving: list[Client] = []  # stream them up to their own leave
+        self._leaving_since = 0.0
         self._input_ready: set[Client] = set()  # buffered requests may go on
         self.admission = Admission(limits, self.trusted)
         self.deadlines = Deadlines()
@@ -431,6 +432,8 @@ class ChatServer:
         self.deadlines.reschedule(client, self._next_deadline(client))
 
     def leaving(self, client: Client) -> None:
+        if not self._leaving:
+            self._leaving_since = self.now
         self._leaving.append(client)
 
     def close(self, client: Client) -> None:
@@ -452,10 +455,15 @@ class ChatServer:
         self.stats.stream_events += len(frames)
         if self.log.take_reset():
             self._restart_members()
-        for client in self._leaving:
-            if client.stop_at is None:
-                client.stop_at = self.stream.end
-        self._leaving.clear()
+        # A log that publishes elsewhere (Redis) gives a leaver's own leave
+        # back later: its stream ends once that came (at most SETTLE_MAX).
+        if self._leaving and (self.log.settled
+                              or self.now >= self._leaving_since + SETTLE_MAX):
+            for client in self._leaving:
+                if client.stop_at is None:
+                    client.stop_at = self.stream.end
+                self.dirty.add(client)  # closing: its FIN can go now
+            self._leaving.clear()
 
     def _error_frame(self, code: str, message: str) -> bytes:
         return protocol.encode_frame({"type": "error", "code": code, "message": message},
@@ -584,7 +592,8 @@ class ChatServer:
         if client.writing:
             client.writing = False
             self._update_interest(client)
-        if client.closing and not client.fin_sent:
+        if client.closing and not client.fin_sent and (
+                client.stop_at is not None or client not in self._leaving):
             # All said: send FIN, but keep reading until the peer hangs up so
             # that our last frame is not destroyed by a reset.
             client.fin_sent = True

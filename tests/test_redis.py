@@ -500,3 +500,28 @@ def test_a_message_published_before_shutdown_reaches_its_sender_first(
         assert a.proc.wait(10) == 0
     assert checked, "no trial published the message: nothing was checked"
 
+
+
+def test_a_member_who_quits_sees_its_last_message_and_its_own_leave(
+        start_redis, node, open_client):
+    # As without Redis: the leaver's stream ends just after its own leave,
+    # which comes back from Redis after the quit was handled.  (The
+    # terminal client waits for that leave before it exits.)
+    redis = start_redis()
+    a = node(redis)
+    address = resp.RedisAddress(redis.url)
+    for i in range(4):
+        alice = open_client(a.port, f"alice{i}")
+        if i % 2:
+            # A slow Redis: its writes wait 300 ms, far past one loop turn.
+            resp.call(address, ("CLIENT", "PAUSE", 300, "WRITE"))
+        alice.send({"type": "say", "text": "bye"})
+        alice.send({"type": "quit"})
+        seen = []
+        try:
+            while True:
+                seen.append(alice.recv(10))
+        except (EOFError, ConnectionResetError):
+            pass
+        kinds = [(m["type"], m.get("text") or m.get("reason")) for m in seen]
+        assert kinds[-2:] == [("message", "bye"), ("leave", "quit")], kinds
