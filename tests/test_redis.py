@@ -525,3 +525,29 @@ def test_a_member_who_quits_sees_its_last_message_and_its_own_leave(
             pass
         kinds = [(m["type"], m.get("text") or m.get("reason")) for m in seen]
         assert kinds[-2:] == [("message", "bye"), ("leave", "quit")], kinds
+
+
+def test_a_member_of_a_killed_node_resumes_on_another_without_a_hung_up_leave(
+        start_redis, node, open_client):
+    redis = start_redis()
+    a, b = node(redis), node(redis)
+    watcher = open_client(a.port, "watcher")
+    alice = open_client(b.port)
+    token = alice.join("alice")["resume"]
+    watcher.recv_until(lambda m: m.get("member") == alice.label)
+    b.kill()
+    # Failover: straight to node A with the resume token, before any reap.
+    again = open_client(a.port)
+    again.send({"type": "hello", "name": "alice", "resume": token})
+    assert again.recv_type("welcome")["name"] == "alice"
+    leave = watcher.recv_type("leave")
+    assert leave["reason"] == "replaced"
+    assert watcher.recv_type("join")["member"] == "alice@127.0.0.1"
+    # Node B is reaped meanwhile: alice is no longer its member, so no
+    # hung_up leave follows.
+    time.sleep(8)  # past the alive key's TTL and a reap round
+    watcher.send({"type": "ping", "token": "end"})
+    _, later = watcher.recv_until(lambda m: m.get("token") == "end")
+    assert [m for m in later if m["type"] == "leave"] == []
+    watcher.send({"type": "who"})
+    assert watcher.recv_type("members")["members"] == ["alice@127.0.0.1", "watcher@127.0.0.1"]
