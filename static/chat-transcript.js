@@ -361,7 +361,8 @@
         if (seq !== state.lastSeq + 1) {
           var lost = seq - state.lastSeq - 1;
           notice(lost + (lost === 1 ? " event was" : " events were") +
-                 " missed while you were away (older than the server keeps).", "warning");
+                 " missed while you were away (older than the server keeps, or more than it replays" +
+                 " at once).", "warning");
         }
         render(state.pending.get(seq));
       } else {

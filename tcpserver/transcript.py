@@ -154,8 +154,9 @@ class Transcript:
         first, end = self.last_seq, self.last_seq + self._missed
         lost = self._missed - sum(1 for seq in held if first < seq <= end)
         if lost:
-            lines.append(Line(f"! {lost} events from while you were away are no "
-                              "longer kept by the server", err=True))
+            lines.append(Line(f"! {lost} events from while you were away were not "
+                              "replayed (older than the server keeps, or more than it "
+                              "replays at once)", err=True))
         for seq in sorted(held):
             lines += self._show(held[seq])
         return lines
