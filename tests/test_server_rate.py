@@ -67,7 +67,7 @@ def test_a_throttled_sender_is_pushed_back_by_tcp(start_server, open_client):
     # A flooder's waiting input is bounded: the server stops reading its
     # socket, so its sends block, and the room keeps going meanwhile.
     server = start_server("--max-per-ip=100", "--msg-rate=1", "--msg-burst=1",
-                          "--flood-seconds=60")
+                          "--flood-seconds=600")  # a 600-frame bound: TCP stops it first
     alice = open_client(server.port, "alice")
     bob = open_client(server.port, "bob")
     flooder = open_client(server.port, "flooder")
