@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import os
 import signal
@@ -24,11 +23,7 @@ async def serve(config: GatewayConfig, worker: int | None = None) -> int:
     try:
         runner, _url = await app.start(config)
     except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            log.error("HTTP port %d is busy", config.http_port)
-        else:
-            log.error("cannot serve on %s:%d: %s", config.host, config.http_port,
-                      exc.strerror or exc)
+        log.error("%s", app.bind_error(config.host, config.http_port, exc))
         return 1
     log.info("answering to Host: %s (add names with --server-name)",
              runner.app[app.SERVED].describe())

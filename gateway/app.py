@@ -7,6 +7,7 @@ Template context for ``index.html`` (the whole of it, on purpose):
 
 from __future__ import annotations
 
+import errno
 import logging
 from pathlib import Path
 
@@ -136,6 +137,13 @@ async def _metrics(request: web.Request) -> web.Response:
 async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
     for name, value in SECURITY_HEADERS.items():
         response.headers.setdefault(name, value)
+
+
+def bind_error(host: str, port: int, exc: OSError) -> str:
+    """One line for the operator on why the HTTP port could not be bound."""
+    if exc.errno == errno.EADDRINUSE:
+        return f"HTTP port {port} is busy"
+    return f"cannot serve on {host}:{port}: {exc.strerror or exc}"
 
 
 async def start(config: GatewayConfig) -> tuple[web.AppRunner, str]:

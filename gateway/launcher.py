@@ -24,7 +24,6 @@ import asyncio
 import collections
 import contextlib
 import ctypes
-import errno
 import logging
 import re
 import signal
@@ -266,10 +265,7 @@ async def _supervise(host: str, chat_port: int, http_port: int, server_args: lis
     try:
         runner, url = await app.start(config)
     except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            log.error("HTTP port %d is busy", http_port)
-        else:
-            log.error("cannot serve on %s:%d: %s", host, http_port, exc.strerror or exc)
+        log.error("%s", app.bind_error(host, http_port, exc))
         return await server.stop(failed=True)
     local = _local(host)
     if local != host:  # a wildcard bind: name an address a browser can open

@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import errno
 import logging
 import os
 import shutil
@@ -44,6 +43,7 @@ import time
 
 from prometheus_client.multiprocess import mark_process_dead
 
+from gateway import app
 from gateway.config import GatewayConfig
 from gateway.metrics import MULTIPROC_ENV
 
@@ -72,11 +72,7 @@ def run(config: GatewayConfig, argv: list[str]) -> int:
     try:
         reservation = reserve_port(config.host, config.http_port)
     except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            log.error("HTTP port %d is busy", config.http_port)
-        else:
-            log.error("cannot serve on %s:%d: %s", config.host, config.http_port,
-                      exc.strerror or exc)
+        log.error("%s", app.bind_error(config.host, config.http_port, exc))
         return 1
     metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
     try:
