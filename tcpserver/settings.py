@@ -20,7 +20,7 @@ DEFAULT_TRUSTED_PROXIES = ("127.0.0.0/8", "::1/128")
 
 # --db :memory: keeps events in memory only, nothing across restarts.
 MEMORY_DB = ":memory:"
-# Events kept on disk: about 200 MB of 100-byte messages (README), enough
+# Events kept on disk: about 205-216 MB of 100-byte messages (README), enough
 # for months of a busy room; pruning keeps the file from growing past it.
 DEFAULT_RETAIN_EVENTS = 1_000_000
 
