@@ -87,7 +87,6 @@ class Session:
         self.config = config
         self.metrics = metrics
         self.upstream: Upstream | None = None
-        self.close_label: str | None = None
         # Everything bound for the browser goes through this one backlog and
         # one sender task, so server frames and our own error replies stay
         # in order and only one task ever writes to the WebSocket.
@@ -144,7 +143,6 @@ class Session:
     def close(self, code: int, reason: str, label: str) -> None:
         """Start closing both sides, once; later calls are ignored."""
         if self._closer is None:
-            self.close_label = label
             self._closer = asyncio.create_task(self._close(code, reason, label))
 
     async def wait_closed(self) -> None:

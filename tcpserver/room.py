@@ -1,4 +1,4 @@
-"""The room's shared output stream and its history ring.
+"""The room's shared output stream.
 
 Every member receives the same ordered stream of room frames, so the server
 appends each encoded frame once to one buffer and each member keeps only an
@@ -8,8 +8,6 @@ keeps the buffer bounded.
 """
 
 from __future__ import annotations
-
-from collections import deque
 
 
 class RoomStream:
@@ -50,33 +48,3 @@ class RoomStream:
     @property
     def buffered(self) -> int:
         return len(self._buf)
-
-
-class History:
-    """The last ``size`` room events as (seq, encoded frame), oldest first."""
-
-    __slots__ = ("_ring",)
-
-    def __init__(self, size: int) -> None:
-        self._ring: deque[tuple[int, bytes]] = deque(maxlen=size)
-
-    def append(self, seq: int, frame: bytes) -> None:
-        self._ring.append((seq, frame))
-
-    def __len__(self) -> int:
-        return len(self._ring)
-
-    def after(self, seq: int) -> tuple[list[bytes], int]:
-        """Frames of the events with a sequence number above ``seq``, and how
-        many such events are no longer held (the gap it cannot fill)."""
-        ring = self._ring
-        seq = max(seq, 0)  # sequence numbers start at 1
-        if not ring:
-            return [], 0
-        first, last = ring[0][0], ring[-1][0]
-        if seq >= last:
-            return [], 0
-        start = max(seq + 1, first)
-        # Sequence numbers in the ring are consecutive: index by arithmetic.
-        frames = [ring[i][1] for i in range(start - first, len(ring))]
-        return frames, start - (seq + 1)

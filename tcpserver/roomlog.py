@@ -113,11 +113,6 @@ class RoomLog(abc.ABC):
         self._last_seq = staged[-1][0]
         return [frame for _, frame in staged]
 
-    def discard_staged(self) -> None:
-        """Drop staged events without storing them (a failed turn)."""
-        self._staged.clear()
-        self._presence.clear()
-
     # --- reading --------------------------------------------------------
 
     def frames(self, first: int, last: int, max_bytes: int) -> list[bytes]:

@@ -9,7 +9,6 @@ from hypothesis import strategies as st
 
 from tcpserver import protocol
 from tcpserver.protocol import FrameDecoder, FrameError, MessageError
-from tcpserver.room import History
 
 
 def feed_bytewise(decoder: FrameDecoder, data: bytes) -> list[bytes]:
@@ -201,17 +200,6 @@ def test_longest_text_fits_in_a_server_frame_even_fully_escaped():
     for t in (text, worst):
         protocol.encode_frame({"type": "message", "seq": 2**53, "from": "n" * 32 + "@" + "f" * 45,
                                "text": t, "ts": 2**53})
-
-
-def test_history_ring_after():
-    ring = History(3)
-    for seq in range(1, 6):
-        ring.append(seq, f"f{seq}".encode())
-    assert ring.after(0) == ([b"f3", b"f4", b"f5"], 2)
-    assert ring.after(3) == ([b"f4", b"f5"], 0)
-    assert ring.after(5) == ([], 0)
-    assert ring.after(-7) == ([b"f3", b"f4", b"f5"], 2)
-    assert History(3).after(0) == ([], 0)
 
 
 # --- properties ------------------------------------------------------------
