@@ -32,4 +32,6 @@ def test_a_page_rejoining_while_redis_is_away_gets_in_once_it_is_back(
     expect(alice.locator("#status")).to_have_attribute("data-state", "connected", timeout=BACK)
     say(alice, "back again")
     expect(message_entry(alice, "alice", "back again")).to_have_count(1)
-    assert pages.problems == []
+    # A reconnect attempt may land between the two gateways: that refusal is
+    # the test's doing; anything else is the page's.
+    assert [p for p in pages.problems if "ERR_CONNECTION_REFUSED" not in p] == []
