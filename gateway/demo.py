@@ -19,7 +19,6 @@ started, by PID and in reverse order; so does the death of any part (exit 1).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
 import os
 import re
@@ -32,6 +31,7 @@ import time
 from pathlib import Path
 
 from gateway import deploy
+from gateway.children import die_with_parent
 from tcpserver import cli
 
 log = logging.getLogger("gateway.demo")
@@ -68,7 +68,7 @@ class Child:
             # the parts in order rather than all at once.
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
                                          stderr=subprocess.STDOUT, start_new_session=True,
-                                         preexec_fn=_die_with_parent)
+                                         preexec_fn=die_with_parent)
         log.info("%s started as pid %d (log: %s)", name, self.proc.pid, self.log_path)
 
     @property
@@ -107,17 +107,6 @@ class Child:
             self.proc.wait()
 
 
-def _die_with_parent() -> None:
-    # In the child, before exec: should the demo itself be killed (kill -9),
-    # Linux sends the part SIGTERM rather than leave it running unowned.
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass  # not Linux: Ctrl-C still stops every part
-
-
-_PR_SET_PDEATHSIG = 1
 
 
 class Demo:

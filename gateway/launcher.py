@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import ctypes
 import logging
 import re
 import signal
@@ -32,6 +31,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from gateway import app
+from gateway.children import die_with_parent
 from gateway.config import GatewayConfig
 from gateway.health import HealthProbe
 from tcpserver import protocol
@@ -57,8 +57,6 @@ STABLE_AFTER = 60.0
 CRASH_LOOP_DEATHS = 5
 CRASH_LOOP_WINDOW = 60.0
 
-# From <linux/prctl.h>: ask for a signal when the parent process dies.
-PR_SET_PDEATHSIG = 1
 
 
 class RestartPolicy:
@@ -92,15 +90,6 @@ class RestartPolicy:
         return delay
 
 
-def _die_with_parent() -> None:
-    """In the server child, before exec: SIGTERM it if the launcher dies,
-    even by SIGKILL, so no orphan keeps the chat port."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass  # not Linux: a killed launcher leaves the server to be stopped by hand
-
-
 class _Server:
     """One chat server child: its process, log pump and start-up state."""
 
@@ -119,7 +108,7 @@ class _Server:
             sys.executable, "-m", "tcpserver", "--name=server", f"--host={host}",
             f"--port={port}", f"--log-level={log_level}", *server_args,
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, preexec_fn=_die_with_parent)
+            stderr=asyncio.subprocess.STDOUT, preexec_fn=die_with_parent)
         log.info("the chat server started as pid %d", proc.pid)
         return cls(proc)
 

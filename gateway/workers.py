@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import shutil
@@ -44,6 +43,7 @@ import time
 from prometheus_client.multiprocess import mark_process_dead
 
 from gateway import app
+from gateway.children import die_with_parent
 from gateway.config import GatewayConfig
 from gateway.metrics import MULTIPROC_ENV
 
@@ -58,8 +58,6 @@ STOP_TIMEOUT = 15.0
 RESTART_DELAY = 0.5
 MAX_DEATHS = 5
 DEATH_WINDOW = 60.0
-# From <linux/prctl.h>: ask for a signal when the parent process dies.
-PR_SET_PDEATHSIG = 1
 
 
 def run(config: GatewayConfig, argv: list[str]) -> int:
@@ -105,14 +103,6 @@ def reserve_port(host: str, port: int) -> socket.socket:
         reservation.close()
         raise
     return reservation
-
-
-def _die_with_parent() -> None:
-    """In a worker, before exec: SIGTERM it if the parent dies."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass  # not Linux: a killed parent leaves workers to be stopped by hand
 
 
 class Supervisor:
@@ -163,7 +153,7 @@ class Supervisor:
             sys.executable, "-m", "gateway", *self.argv, f"--http-port={self.port}",
             f"--worker={index}", stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, env=self.env, start_new_session=True,
-            preexec_fn=_die_with_parent)
+            preexec_fn=die_with_parent)
         self.workers[index] = proc
         try:
             line = await asyncio.wait_for(proc.stdout.readline(), START_TIMEOUT)
