@@ -16,6 +16,7 @@ import time
 
 import pexpect
 import pytest
+from conftest import RawClient
 from test_client import Terminal
 
 from tcpserver import protocol, transcript
@@ -308,16 +309,23 @@ def test_resume_takes_the_name_back_from_a_stale_connection(server, proxy, piped
     assert bob.finish() == 0
 
 
+def cut_at_the_prompt(term: Terminal, link, connect) -> RawClient:
+    """Wait for bob's prompt, seat alice, cut bob's link and hold it down
+    until the terminal says it is reconnecting; return alice."""
+    term.wait(lambda: term.cursor_row() == "[bob@127.0.0.1]>", "the prompt")
+    alice = connect("alice")
+    link.held = True
+    link.cut()
+    term.wait(lambda: "! the connection was lost; reconnecting (Ctrl-C to stop)"
+              in term.rows(), "the reconnecting line")
+    return alice
+
+
 def test_terminal_comes_back_with_the_gap_filled_and_the_prompt_intact(server, proxy, connect):
     link = proxy(server.port)
     term = Terminal(link.port, "bob")
     try:
-        term.wait(lambda: term.cursor_row() == "[bob@127.0.0.1]>", "the prompt")
-        alice = connect("alice")
-        link.held = True
-        link.cut()
-        term.wait(lambda: "! the connection was lost; reconnecting (Ctrl-C to stop)"
-                  in term.rows(), "the reconnecting line")
+        alice = cut_at_the_prompt(term, link, connect)
         for i in range(3):
             alice.send({"type": "say", "text": f"while away {i}"})
         alice.recv_until(lambda m: m["type"] == "message" and m["text"] == "while away 2")
@@ -348,12 +356,7 @@ def test_a_line_refused_while_reconnecting_is_sent_by_enter_once_back(server, pr
     link = proxy(server.port)
     term = Terminal(link.port, "bob")
     try:
-        term.wait(lambda: term.cursor_row() == "[bob@127.0.0.1]>", "the prompt")
-        alice = connect("alice")
-        link.held = True
-        link.cut()
-        term.wait(lambda: "! the connection was lost; reconnecting (Ctrl-C to stop)"
-                  in term.rows(), "the reconnecting line")
+        alice = cut_at_the_prompt(term, link, connect)
         term.child.send("kept line\r")  # refused: not connected, the line stays
         term.wait(lambda: any("the line is kept" in r for r in term.rows()), "the refusal")
         link.held = False
