@@ -219,8 +219,9 @@ def frame_payload(payload: bytes, max_frame_size: int = MAX_FRAME_SIZE) -> bytes
     return HEADER.pack(len(payload)) + payload
 
 
-def encode_payload(message: dict[str, Any]) -> bytes:
-    """Encode one message object as a payload (JSON, UTF-8, no header).
+def encode_payload(message: Any) -> bytes:
+    """Encode one message object (or any JSON value) as a payload (JSON,
+    UTF-8, no header).
 
     The web gateway sends payloads as WebSocket text; frames add the header.
     """
@@ -233,6 +234,25 @@ def encode_frame(message: dict[str, Any], max_frame_size: int = MAX_FRAME_SIZE) 
     Raises LocalProtocolError if it does not fit in ``max_frame_size``.
     """
     return frame_payload(encode_payload(message), max_frame_size)
+
+
+def encode_frame_parts(message: dict[str, Any], key: str, value: bytes,
+                       max_frame_size: int = MAX_FRAME_SIZE) -> tuple[bytes, bytes, bytes]:
+    """Encode ``message`` plus one last field, ``key``, whose value is JSON
+    encoded already: ``(head, value, b"}")``, which joined are one frame.
+
+    This lets many frames share one encoded value (a member list) instead
+    of each holding a copy; ``value`` must be valid JSON (from
+    ``encode_payload`` or ``json.dumps`` with ``ensure_ascii=False``) and
+    ``key`` not already in ``message``.  Raises LocalProtocolError if the
+    frame would not fit in ``max_frame_size``.
+    """
+    payload = encode_payload(message)
+    body = payload[:-1] + (b',"' if len(payload) > 2 else b'"') + key.encode() + b'":'
+    length = len(body) + len(value) + 1
+    if length > max_frame_size:
+        raise LocalProtocolError("bad_frame", f"payload of {length} bytes cannot be framed")
+    return HEADER.pack(length) + body, value, b"}"
 
 
 # --- validation ----------------------------------------------------------

@@ -288,7 +288,7 @@ class RedisPresence(Presence):
             keys = [k.decode() for k in result[1::2]]
             labels = [_label(v) for v in result[2::2] if v]
             if full:
-                return room._send_chunks(client, room._member_chunks(labels))
+                return room.send_members(client, labels)
             page = room._member_chunks(labels[:limit])[0]
             more = len(labels) > len(page)
             answer = {"type": "members", "members": page, "more": more, "count": result[0]}

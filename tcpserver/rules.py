@@ -93,6 +93,7 @@ class Room:
         # next tick's presence makes clients fetch the list again.
         self._unannounced = False
         self._storage_failing = False
+        self._arrays: list[bytes] | None = None  # this turn's encoded member list
         # Members the log saw join but never leave: the server died under them.
         for label in roomlog.stranded():
             self._stage({"type": "leave", "member": label, "reason": "hung_up",
@@ -156,6 +157,7 @@ class Room:
         If storage fails the events are not published: each sender of a
         message is told ``room_unavailable``, and the failure is logged."""
         staged_by, self._staged_by = self._staged_by, []
+        self._arrays = None  # the stream moves on: the list may not be shared past it
         try:
             frames = self.log.commit()
         except StorageError as exc:
@@ -193,6 +195,7 @@ class Room:
                 self._presence_sent = (members, now)
                 self._large_announced = large
                 self._unannounced = False
+                self._arrays = None
                 self.out.broadcast(self._encode({"type": "presence", "count": members,
                                                  "large": large}))
 
@@ -269,16 +272,13 @@ class Room:
         # staged this turn, its own join included, follow them, and nothing
         # is missed or seen twice.
         large = self.large
-        if labels is None:
-            labels = [member.label for member in self.members.values()]
-        chunks = [[]] if large else self._member_chunks(labels)
+        arrays = [b"[]"] if large else self._member_arrays(labels)
         count, history = self.log.tail(self.limits.history)
-        self.out.send(client, self._encode({
+        self._send_list(client, {
             "type": "welcome", "name": client.name, "label": client.label,
-            "epoch": self.log.epoch, "last_seq": self.log.last_seq, "members": chunks[0],
-            "more": len(chunks) > 1, "history": count, "count": self.presence.count(),
-            "large": large, "resume": client.resume}), reply=True)
-        self._send_chunks(client, chunks[1:])
+            "epoch": self.log.epoch, "last_seq": self.log.last_seq, "more": len(arrays) > 1,
+            "history": count, "count": self.presence.count(), "large": large,
+            "resume": client.resume}, arrays)
         if history:
             self.out.send(client, history, reply=True)
         self.out.follow(client)
@@ -330,8 +330,7 @@ class Room:
         limit = message.get("limit")
         if limit is None and message.get("prefix") is None and message.get("cursor") is None \
                 and not self.large:
-            return self._send_chunks(client, self._member_chunks(
-                [member.label for member in self.members.values()]))
+            return self.send_members(client, None)
         limit = WHO_PAGE if limit is None else limit
         if not 1 <= limit <= WHO_PAGE_MAX:
             raise protocol.MessageError("bad_message", f"who: limit is 1 to {WHO_PAGE_MAX}")
@@ -464,11 +463,44 @@ class Room:
             size += cost
         return chunks
 
-    def _send_chunks(self, client: Client, chunks: list[list[str]]) -> None:
-        for i, chunk in enumerate(chunks):
-            self.out.send(client, self._encode(
-                {"type": "members", "members": chunk, "more": i < len(chunks) - 1,
-                 "count": self.presence.count()}), reply=True)
+    def send_members(self, client: Client, labels: list[str] | None) -> None:
+        """A whole member list as ``members`` replies: ``labels``, or this
+        process's members for None."""
+        arrays = self._member_arrays(labels)
+        self._send_list(client, {"type": "members", "more": len(arrays) > 1,
+                                 "count": self.presence.count()}, arrays)
+
+    def _member_arrays(self, labels: list[str] | None) -> list[bytes]:
+        """``labels`` (None: this process's members) as encoded JSON arrays
+        that each fit in a frame.
+
+        This process's list is encoded once a loop turn and shared by every
+        welcome and ``who`` reply of the turn: a burst of N joins holds one
+        copy, not N.  A copy from earlier in the turn is still right for a
+        later joiner, because everything that changed the list since is
+        staged this turn and reaches it through the stream after the list.
+        """
+        if labels is None and self._arrays is not None:
+            return self._arrays
+        chunks = self._member_chunks(labels if labels is not None else
+                                     [member.label for member in self.members.values()])
+        arrays = [protocol.encode_payload(chunk) for chunk in chunks]
+        if labels is None:
+            self._arrays = arrays
+        return arrays
+
+    def _send_list(self, client: Client, head: dict, arrays: list[bytes]) -> None:
+        """``head`` with the first array as its ``members``, then a
+        ``members`` frame for each other array; all replies."""
+        for part in protocol.encode_frame_parts(head, "members", arrays[0],
+                                                self.limits.max_frame):
+            self.out.send(client, part, reply=True)
+        count = self.presence.count()
+        for i, array in enumerate(arrays[1:], 2):
+            for part in protocol.encode_frame_parts(
+                    {"type": "members", "more": i < len(arrays), "count": count},
+                    "members", array, self.limits.max_frame):
+                self.out.send(client, part, reply=True)
 
 
 def _same_secret(expected: str | None, given: str | None) -> bool:

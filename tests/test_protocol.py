@@ -129,6 +129,25 @@ def test_encoder_refuses_oversized_payload():
         protocol.encode_frame({"type": "say", "text": "x" * 100}, max_frame_size=50)
 
 
+@given(st.dictionaries(st.text(min_size=1), st.text() | st.integers() | st.booleans()),
+       st.lists(st.text()))
+def test_frame_parts_join_to_the_frame_with_the_shared_value_last(message, value):
+    message.pop("members", None)
+    shared = json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+    head, middle, tail = protocol.encode_frame_parts(message, "members", shared)
+    assert middle is shared  # the caller's object, not a copy
+    frame = head + middle + tail
+    (length,) = struct.unpack("!I", frame[:4])
+    assert length == len(frame) - 4
+    assert json.loads(frame[4:]) == {**message, "members": value}
+
+
+def test_frame_parts_refuse_what_does_not_fit():
+    with pytest.raises(protocol.LocalProtocolError):
+        protocol.encode_frame_parts({"type": "members"}, "members", b'["' + b"x" * 60 + b'"]',
+                                    max_frame_size=50)
+
+
 @pytest.mark.parametrize("payload, fragment", [
     (b"\xff\xfe{}", "UTF-8"),
     (b'{"type": "say", "text": "unterminated', "JSON"),

@@ -128,6 +128,41 @@ def test_small_room_behaves_as_before(harness):
     assert len(welcome["members"]) == 5
 
 
+def test_a_burst_of_joins_shares_one_encoded_member_list(harness):
+    # A join storm must not hold one copy of the list per joiner (issue 9:
+    # 10 KB each at 1000 members, all queued in the same loop turns).
+    h = harness(max_frame=2048, history=0)  # a small frame: the list takes several
+    for i in range(150):
+        h.join(f"early{i:03}")
+    burst = [h.connect() for _ in range(3)]
+    for i, client in enumerate(burst):  # one loop turn: no commit between
+        h.room.handle(client, {"type": "hello", "name": f"late{i}"})
+    h.room.handle(h.clients[0], {"type": "who"})
+    h.commit()
+
+    def big_buffers(client):
+        return [frame for c, frame, _ in h.sent if c is client and len(frame) > 512]
+
+    shared = big_buffers(burst[0])
+    assert len(shared) > 1  # the welcome's list and more ``members`` frames
+    for client in (*burst[1:], h.clients[0]):
+        assert all(a is b for a, b in zip(big_buffers(client), shared, strict=True))
+    # Each joiner's list and the stream after it add up to the whole room.
+    everyone = {f"early{i:03}@127.0.0.1" for i in range(150)} | {
+        f"late{i}@127.0.0.1" for i in range(3)}
+    for client in burst:
+        listed = [label for m in h.messages_for(client) if m["type"] in ("welcome", "members")
+                  for label in m["members"]]
+        joined = [m["member"] for m in h.stream_messages()[150:]]
+        assert set(listed) | set(joined) == everyone
+    # The next turn's joiner gets a list encoded anew, with the burst in it.
+    latest = h.join("latest")
+    listed = [label for m in h.messages_for(latest) if m["type"] in ("welcome", "members")
+              for label in m["members"]]
+    assert set(listed) == everyone | {"latest@127.0.0.1"}
+    assert not set(big_buffers(latest)) & {id(b) for b in shared}
+
+
 def test_crossing_the_announce_limit_both_ways(harness):
     h = harness(announce_limit=3)
     clients = [h.join(f"m{i}") for i in range(3)]
