@@ -1,7 +1,7 @@
 /* The chat room page's shared part: limits, texts, the elements, the state
  * every part reads, and small helpers.  It makes window.Chat, the namespace
- * the other parts (chat-transcript.js, chat-members.js, chat-connection.js,
- * chat.js, loaded in that order) share.  No HTML is ever built from chat
+ * the other parts (chat-transcript.js, chat-gaps.js, chat-members.js,
+ * chat-connection.js, chat.js, loaded in that order) share.  No HTML is ever built from chat
  * text: everything from the wire goes in through textContent. */
 (function () {
   "use strict";
@@ -77,7 +77,8 @@
     replayUntil: 0,      // the welcome's last_seq: its replay ends there
     oldestSeq: null,     // lowest seq shown from the current transcript (epoch)
     olderDone: false,    // the beginning of the room is shown
-    older: null,         // {before, remaining, more, events, timer} while a page is due
+    older: null,         // {before, remaining, more, events, done, timer} while a
+                         // history-before reply is due (chat-gaps.js)
     large: false,        // over the server's announce limit: paged member panel
     largeCount: 0,       // the room's member count, from welcome/presence/members
     whoQueue: [],        // the members replies due, in order: {kind: "full"|"page"}

@@ -144,10 +144,7 @@
       window.clearTimeout(state.catchup.timer);
       state.catchup = null;
     }
-    if (state.older) {
-      C.dropOlder();
-      C.setMarker("idle");
-    }
+    C.abortFetch();  // a page of scroll-back is asked again; a gap resumes once back
     if (ws) {
       ws.onopen = ws.onmessage = ws.onclose = null;
       if (ws.readyState === WebSocket.CONNECTING || ws.readyState === WebSocket.OPEN) {

@@ -1,5 +1,6 @@
 /* The transcript: entries, room events in seq order, filling a gap after a
- * reconnect (history after), and scrolling back (history before).
+ * reconnect (history after), and scrolling back (history before, through
+ * chat-gaps.js, which also loads the gaps history after could not fill).
  * Part of the chat room page; the parts share one namespace, window.Chat
  * (chat-base.js makes it).  No HTML is ever built from chat text:
  * everything from the wire goes in through textContent. */
@@ -16,7 +17,8 @@
   // Oldest transcript entries are dropped past this many (only while the
   // reader is at the end: nothing is taken from under someone reading back).
   var MAX_TRANSCRIPT = 2000;
-  // Scrolling back asks for this many older events at a time (history before).
+  // Scrolling back asks for this many older events at a time (history
+  // before; the request itself is chat-gaps.js's fetchBefore).
   var OLDER_PAGE = 50;
   var LEAVE_REASONS = {
     quit: "left",
@@ -66,9 +68,15 @@
     }
     if (trimmedCurrent) {
       // What was dropped can be loaded again by scrolling back.
+      // A gap marker with nothing of this transcript above it any more is
+      // what scrolling back loads next: keeping it would load it twice.
       var first = marker.nextElementSibling;
       while (first && !first.dataset.seq) {
-        first = first.nextElementSibling;
+        var next = first.nextElementSibling;
+        if (first.classList.contains("gap-marker")) {
+          el.transcript.removeChild(first);
+        }
+        first = next;
       }
       state.oldestSeq = first ? Number(first.dataset.seq) : null;
       state.olderDone = false;
@@ -117,16 +125,10 @@
     state.pending.clear();
     state.oldestSeq = null;
     state.olderDone = false;
-    dropOlder();
+    C.dropOlder();
+    C.staleGaps();
     el.transcript.appendChild(olderMarker());
     setMarker("idle");
-  }
-
-  function dropOlder() {
-    if (state.older) {
-      window.clearTimeout(state.older.timer);
-      state.older = null;
-    }
   }
 
   function loadOlder() {
@@ -139,50 +141,22 @@
       setMarker("start");
       return;
     }
-    state.older = {
-      before: before,
-      remaining: -1,  // unknown until the history header arrives
-      more: true,
-      events: [],
-      timer: window.setTimeout(finishOlder, CATCHUP_TIMEOUT_MS)
-    };
-    setMarker("loading");
-    C.send({ type: "history", before: before, limit: OLDER_PAGE });
-  }
-
-  function onOlderHeader(msg) {
-    var older = state.older;
-    if (!older || older.remaining !== -1 || msg.before !== older.before) {
-      return;
-    }
-    older.remaining = msg.count;
-    older.more = msg.more === true;
-    if (msg.count === 0) {
-      finishOlder();
+    if (C.fetchBefore(before, OLDER_PAGE, finishOlder)) {
+      setMarker("loading");
     }
   }
 
   // Insert the page above what is shown, keeping the reader's place: the
   // distance from the bottom is what stays the same.
-  function finishOlder() {
-    var older = state.older;
-    if (!older) {
-      return;
-    }
-    dropOlder();
-    if (older.remaining !== 0) {
+  function finishOlder(events, more) {
+    if (events === null) {
       // No whole reply in time.  A part would leave a hole above what is
       // shown (pages come oldest first), so it is dropped; the button retries.
       setMarker("idle");
       return;
     }
     var floor = state.oldestSeq !== null ? state.oldestSeq : state.lastSeq + 1;
-    var seen = {};
-    var events = older.events.filter(function (ev) {
-      var fresh = ev.seq < floor && !seen[ev.seq];
-      seen[ev.seq] = true;
-      return fresh;
-    }).sort(function (a, b) { return a.seq - b.seq; });
+    events = events.filter(function (ev) { return ev.seq < floor; });
     if (events.length > 0) {
       var t = el.transcript;
       var fromBottom = t.scrollHeight - t.scrollTop;
@@ -193,7 +167,7 @@
       t.scrollTop = t.scrollHeight - fromBottom;
       state.oldestSeq = events[0].seq;
     }
-    if (!older.more || (state.oldestSeq !== null && state.oldestSeq <= 1)) {
+    if (!more || (state.oldestSeq !== null && state.oldestSeq <= 1)) {
       state.olderDone = true;
       setMarker("start");
     } else {
@@ -299,7 +273,7 @@
       older.events.push(ev);
       older.remaining -= 1;
       if (older.remaining === 0) {
-        finishOlder();
+        C.endFetch("done");
       }
       return;
     }
@@ -324,6 +298,7 @@
   function endReplay() {
     state.replaying = false;
     el.transcript.setAttribute("aria-busy", "false");
+    C.pumpGaps();
   }
 
   function render(ev) {
@@ -349,8 +324,11 @@
     }
   }
 
-  // Render held events: in order only, or (force) across a gap that
-  // can no longer be filled.
+  // Render held events: in order only, or (force) across a gap that the
+  // history reply did not fill: a gap marker (chat-gaps.js) stands in for
+  // the events skipped, and loads them (history before) when asked.  A gap
+  // with nothing of this transcript above it gets none: scrolling back
+  // loads it.
   function drainPending(force) {
     var seqs = Array.from(state.pending.keys()).sort(function (a, b) { return a - b; });
     for (var i = 0; i < seqs.length; i++) {
@@ -358,11 +336,8 @@
       if (seq <= state.lastSeq) {
         state.pending.delete(seq);
       } else if (seq === state.lastSeq + 1 || force) {
-        if (seq !== state.lastSeq + 1) {
-          var lost = seq - state.lastSeq - 1;
-          notice(lost + (lost === 1 ? " event was" : " events were") +
-                 " missed while you were away (older than the server keeps, or more than it replays" +
-                 " at once).", "warning");
+        if (seq !== state.lastSeq + 1 && state.oldestSeq !== null) {
+          append(C.gapMarker(state.lastSeq, seq));
         }
         render(state.pending.get(seq));
       } else {
@@ -382,7 +357,7 @@
 
   function onHistoryHeader(msg) {
     if (typeof msg.before === "number") {
-      onOlderHeader(msg);
+      C.onBeforeHeader(msg);
       return;
     }
     var catchup = state.catchup;
@@ -402,14 +377,15 @@
     window.clearTimeout(state.catchup.timer);
     state.catchup = null;
     drainPending(true);
+    C.pumpGaps();
   }
 
   C.nearBottom = nearBottom;
   C.scrollToEnd = scrollToEnd;
   C.setMarker = setMarker;
   C.newTranscript = newTranscript;
-  C.dropOlder = dropOlder;
   C.loadOlder = loadOlder;
+  C.eventItem = eventItem;
   C.notice = notice;
   C.renderPrivate = renderPrivate;
   C.roomEvent = roomEvent;

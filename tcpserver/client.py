@@ -15,8 +15,10 @@ is described in ``tcpserver/display.py``: room lines on stdout, diagnostics
 When the connection drops, or the server announces ``shutdown`` (it is
 restarting or stopping), the client reconnects by itself with capped,
 jittered backoff, rejoins with the same name presenting the ``resume``
-token of its last welcome, and fills the gap with ``history``, showing each
-missed event once (``tcpserver/transcript.py``).  It does not come back
+token of its last welcome, and fills the gap with ``history`` (``after`` the
+last event shown; what that could not replay, up to 1000 more, page by page
+with ``before``), showing each missed event once (``tcpserver/transcript.py``);
+a longer gap is counted in one line and ``/history`` shows the rest.  It does not come back
 after a refusal (``flooding``, ``bad_frame``) or when its name is refused.
 
 Exit status: 0 after ``/quit``, end of input, Ctrl-C at the prompt, or
@@ -271,6 +273,11 @@ class Session:
             self.show(display.error("shutdown", msg["message"]), err=True)
         elif kind == "ping":
             await self._pong(conn, msg)
+        for request in transcript.take_requests():
+            try:
+                await conn.send(request)
+            except OSError as exc:
+                log.debug("history request not sent: %s", exc)  # the drop ends this link
         if not transcript.filling:
             self.ready.set()
         waiter = self._waiter

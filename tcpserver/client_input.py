@@ -1,8 +1,8 @@
 """The terminal client's input: typed or piped lines, and what each does.
 
 Commands: ``/who [PREFIX]``, ``/msg NAME TEXT``, ``/history [N]`` (the N events,
-default 20, before the oldest one shown), ``/quit``, ``/help``; ``//text``
-sends ``/text``.
+default 20, before the oldest one shown; first the newest of a gap left
+after a reconnect), ``/quit``, ``/help``; ``//text`` sends ``/text``.
 
 A message over ``protocol.MAX_TEXT_CHARS`` (4000) characters, or one the
 protocol refuses otherwise (``line_problem``), is not sent.  At the prompt

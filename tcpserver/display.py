@@ -41,6 +41,7 @@ commands:
   /who [PREFIX]    list the members of the room (whose name starts with PREFIX)
   /msg NAME TEXT   send TEXT to NAME only
   /history [N]     show the N (default 20) events before the oldest shown
+                   (first those of a gap not shown after a reconnect)
   /quit            leave the room (Ctrl-D does too)
   /help            show this help
   //text           send a message that starts with '/'"""

@@ -10,10 +10,20 @@ to print and, after a rejoin, the ``history`` request to send.  Its rules:
   back until the reply to ``history after LAST`` has arrived; then the held
   events and the reply are shown once, in ``seq`` order, so the gap is
   filled with no duplicate and nothing out of order;
+* when that reply reports ``missed`` events (more than the server's
+  ``--history-replay``), the newest GAP_FILL of them are fetched with
+  ``history before``, in pages of MAX_OLDER, still holding everything
+  else; then all are shown in order.  A longer gap leaves a *hole*: one
+  line says how many events are not shown, where they belong, and that
+  ``/history`` shows them; what the server no longer keeps is counted;
 * after a rejoin in another epoch the old numbers mean nothing: one line
   says so and no history is asked with them;
-* ``older(n)`` asks for the ``n`` events before the oldest one shown
-  (``history before``); they are printed as one block, marked ``(history)``.
+* ``older(n)`` asks for the ``n`` newest events of the newest hole, else
+  the ``n`` before the oldest one shown (``history before``); they are
+  printed as one block, marked ``(history)``.
+
+Requests to send besides the welcome's (the gap's pages) are collected;
+``take_requests()`` hands them over.
 """
 
 from __future__ import annotations
@@ -24,6 +34,10 @@ from tcpserver import display
 
 # The server's largest `history before` page (PLAN.md, protocol v2).
 MAX_OLDER = 200
+# Most missed events fetched by hand after a rejoin (five pages): as many
+# as the server replays by default, so at most about two screens' worth
+# of scrollback per thousand lines; the rest is there for /history.
+GAP_FILL = 1000
 NEW_EPOCH = ("! the server started a new transcript (its history restarted); "
              "what follows does not continue the lines above")
 
@@ -47,6 +61,12 @@ class Transcript:
         self._gap: dict[int, dict] | None = None  # held while filling a gap
         self._gap_due: int | None = None  # reply frames still to come; None: no reply yet
         self._missed = 0
+        self._fill: list[int] | None = None  # [lo, hi]: the hole being fetched
+        self._fill_due: int | None = None  # its page's frames still to come
+        self._fill_more = False
+        self._fill_budget = 0
+        self._requests: list[dict] = []
+        self.holes: list[tuple[int, int]] = []  # (lo, hi) seqs not shown, oldest first
         self._welcome_last = 0
         self._older: list[dict] = []  # a /history page being read
         self._older_before = 0
@@ -70,6 +90,7 @@ class Transcript:
         lines: list[Line] = []
         request = None
         self._older_due = 0
+        self._fill, self._fill_due, self._requests = None, None, []
         if rejoin and self.last_seq and epoch is not None and epoch == self.epoch:
             self._gap, self._gap_due, self._missed = {}, None, 0
             self._welcome_last = msg["last_seq"]
@@ -77,7 +98,7 @@ class Transcript:
         else:
             if rejoin and self.last_seq:
                 lines.append(Line(NEW_EPOCH, err=True))
-            self.last_seq, self.oldest_seq = 0, None
+            self.last_seq, self.oldest_seq, self.holes = 0, None, []
             self.replay_until = msg["last_seq"]
         self.epoch = epoch
         return lines, request
@@ -91,18 +112,38 @@ class Transcript:
             return self._older_page() if not self._older_due else []
         if self._gap is not None:
             self._gap[seq] = msg
-            if self._gap_due is not None:
+            if self._fill is not None:
+                # Fetching the hole: its page's frames are below the request's
+                # bound; anything else is live, held until the end.
+                if self._fill_due and seq <= self._fill[1]:
+                    self._fill_due -= 1
+                    if not self._fill_due:
+                        return self._fill_page()
+            elif self._gap_due is not None:
                 self._gap_due -= 1
                 if self._gap_due <= 0:
-                    return self._close_gap()
+                    return self._replayed()
             return []
         return self._show(msg)
+
+    def take_requests(self) -> list[dict]:
+        """The requests to send now (pages of a gap being filled)."""
+        requests, self._requests = self._requests, []
+        return requests
 
     def history(self, msg: dict) -> list[Line]:
         """Take the header of a ``history`` reply; its events follow."""
         if msg.get("before") is not None:
+            fill = self._fill
+            if fill is not None and self._fill_due is None and msg["before"] == fill[1] + 1:
+                self._fill_due, self._fill_more = msg["count"], bool(msg.get("more"))
+                return [] if msg["count"] else self._fill_page()
             if not msg["count"]:
                 self.pages += 1
+                if self.holes and msg["before"] == self.holes[-1][1] + 1:
+                    lo, hi = self.holes.pop()
+                    return [Line(f"* the {hi - lo + 1} events from while you were away "
+                                 "are no longer kept")]
                 return [Line("* nothing earlier is kept")]
             self._older, self._older_before = [], msg["before"]
             self._older_due, self._older_more = msg["count"], bool(msg.get("more"))
@@ -110,7 +151,7 @@ class Transcript:
         if self._gap is not None and self._gap_due is None:
             self._gap_due, self._missed = msg["count"], msg.get("missed") or 0
             if not self._gap_due:
-                return self._close_gap()
+                return self._replayed()
         return []
 
     def unknown_seq(self) -> list[Line]:
@@ -121,7 +162,8 @@ class Transcript:
         if self._gap is None:
             return []
         held, self._gap = self._gap, None
-        self.last_seq, self.oldest_seq = 0, None
+        self._fill, self._fill_due, self._requests = None, None, []
+        self.last_seq, self.oldest_seq, self.holes = 0, None, []
         self.replay_until = self._welcome_last
         lines = [Line(NEW_EPOCH, err=True)]
         for seq in sorted(held):
@@ -129,8 +171,13 @@ class Transcript:
         return lines
 
     def older(self, count: int) -> dict | None:
-        """The request for the ``count`` events before the oldest shown
-        (capped at MAX_OLDER), or None if nothing has been shown yet."""
+        """The request for the ``count`` newest events of the newest hole,
+        else for the ``count`` before the oldest shown (capped at
+        MAX_OLDER), or None if nothing has been shown yet."""
+        if self.holes:
+            lo, hi = self.holes[-1]
+            return {"type": "history", "before": hi + 1,
+                    "limit": max(1, min(count, MAX_OLDER, hi - lo + 1))}
         if self.oldest_seq is None:
             return None
         return {"type": "history", "before": self.oldest_seq,
@@ -146,17 +193,47 @@ class Transcript:
         replay = seq <= self.replay_until
         return [Line(display.room_event(msg, replay), dim=replay)]
 
-    def _close_gap(self) -> list[Line]:
-        held, self._gap, self._gap_due = self._gap or {}, None, None
-        lines = []
+    def _replayed(self) -> list[Line]:
+        """The ``history after`` reply is in: fetch the hole it left, if any."""
         # The reply skipped seqs last+1 .. last+missed; the welcome's own
-        # replay may still have brought some of them.
-        first, end = self.last_seq, self.last_seq + self._missed
-        lost = self._missed - sum(1 for seq in held if first < seq <= end)
-        if lost:
-            lines.append(Line(f"! {lost} events from while you were away were not "
-                              "replayed (older than the server keeps, or more than it "
-                              "replays at once)", err=True))
+        # replay may have brought the newest of them.
+        lo = self.last_seq + 1
+        hi = min([self.last_seq + self._missed] + [s - 1 for s in self._gap or {} if s >= lo])
+        if hi < lo:
+            return self._close_gap([])
+        self._fill, self._fill_budget = [lo, hi], GAP_FILL
+        self._ask_fill()
+        return []
+
+    def _ask_fill(self) -> None:
+        lo, hi = self._fill
+        self._fill_due = None
+        self._requests.append({"type": "history", "before": hi + 1,
+                               "limit": min(MAX_OLDER, hi - lo + 1, self._fill_budget)})
+
+    def _fill_page(self) -> list[Line]:
+        lo, hi = self._fill
+        # The page is the newest of the hole: what is now held narrows it.
+        top = min([hi] + [s - 1 for s in self._gap if s >= lo])
+        self._fill_budget -= hi - top
+        fetched = top < hi
+        self._fill[1] = top
+        if top < lo:
+            return self._close_gap([])
+        count = top - lo + 1
+        if not fetched or not self._fill_more:
+            return self._close_gap([Line(f"! {count} events from while you were away are "
+                                         "no longer kept by the server", err=True)])
+        if self._fill_budget <= 0:
+            self.holes.append((lo, top))
+            return self._close_gap([Line(f"! {count} earlier events from while you were away "
+                                         "are not shown (/history shows them)", err=True)])
+        self._ask_fill()
+        return []
+
+    def _close_gap(self, lines: list[Line]) -> list[Line]:
+        held, self._gap, self._gap_due = self._gap or {}, None, None
+        self._fill, self._fill_due = None, None
         for seq in sorted(held):
             lines += self._show(held[seq])
         return lines
@@ -165,10 +242,28 @@ class Transcript:
         page = sorted(self._older, key=lambda m: m["seq"])
         self._older = []
         self.pages += 1
+        if self.holes and self._older_before == self.holes[-1][1] + 1:
+            return self._hole_page(page)
         if self.oldest_seq is None or page[0]["seq"] < self.oldest_seq:
             self.oldest_seq = page[0]["seq"]
         lines = [Line(f"* {len(page)} earlier events:")]
         lines += [Line(display.room_event(m, True), dim=True) for m in page]
         lines.append(Line("* /history shows more" if self._older_more
                           else "* that is the start of the kept history"))
+        return lines
+
+    def _hole_page(self, page: list[dict]) -> list[Line]:
+        lo, hi = self.holes.pop()
+        page = [m for m in page if lo <= m["seq"] <= hi]
+        lines = [Line(f"* {len(page)} events from while you were away:")]
+        lines += [Line(display.room_event(m, True), dim=True) for m in page]
+        hi = page[0]["seq"] - 1 if page else hi
+        if hi < lo:
+            lines.append(Line("* that closes the gap"))
+        elif page and self._older_more:
+            self.holes.append((lo, hi))
+            lines.append(Line(f"* /history shows more ({hi - lo + 1} from while you were "
+                              "away not shown yet)"))
+        else:
+            lines.append(Line(f"* the {hi - lo + 1} before them are no longer kept"))
         return lines

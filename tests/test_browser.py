@@ -344,7 +344,7 @@ def test_reconnect_after_gateway_restart_has_no_gap_and_no_duplicate(
     assert unexpected == []
 
 
-def test_reconnect_after_a_gap_longer_than_history_says_what_was_lost(
+def test_a_gap_the_server_no_longer_keeps_is_marked_as_lost_in_place(
         start_server, start_gateway, pages, open_client):
     expect = expect_()
     # Only a log held in memory forgets: it keeps the last --history events.
@@ -370,14 +370,22 @@ def test_reconnect_after_a_gap_longer_than_history_says_what_was_lost(
     assert seqs == sorted(set(seqs)), "duplicate or out of order"
     texts = [e["text"] for e in room_entries(alice) if e["kind"] == "message"]
     # Her welcome replayed the 3 newest events (gone 3-5); the 4 before them
-    # (her own leave, gone 0-2) are lost, and the page says so, in place.
+    # (her own leave, gone 0-2) were not replayed: a marker stands in place.
     assert texts == ["seen", "gone 3", "gone 4", "gone 5", "back"]
-    missed = alice.locator("#transcript li.notice.warning", has_text="missed")
-    expect(missed).to_have_count(1)
-    expect(missed).to_contain_text("4 events were missed while you were away")
+    marker = alice.locator("#transcript li.gap-marker")
+    expect(marker).to_have_count(1)
+    expect(marker.locator(".gap-text")).to_have_text("4 earlier messages not shown \u2014")
     assert alice.eval_on_selector(
-        "#transcript li.notice.warning:has-text('missed') + li", "e => e.textContent"
-    ).endswith("gone 3")
+        "#transcript li.gap-marker + li", "e => e.textContent").endswith("gone 3")
+    # Asked for, they are gone from the log: the marker says so and stays.
+    marker.locator("button").click()
+    expect(marker).to_have_attribute("data-state", "gone")
+    expect(marker.locator(".gap-text")).to_have_text(
+        "4 earlier messages are no longer kept by the server")
+    expect(marker.locator("button")).to_be_hidden()
+    gone_3 = message_entry(alice, "dave", "gone 3").get_attribute("data-seq")
+    assert pages.sent[-1][-1] == {"type": "history", "before": int(gone_3), "limit": 4}
+    assert [e["text"] for e in room_entries(alice) if e["kind"] == "message"] == texts
 
 
 def test_reconnect_to_a_restarted_chat_server_starts_a_new_transcript(

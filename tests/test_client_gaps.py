@@ -1,0 +1,205 @@
+"""The terminal client after a gap longer than the server replays: the
+missed events are fetched with ``history before`` and shown once, in order
+(up to transcript.GAP_FILL); a longer gap is counted and ``/history``
+shows the rest.  A real server subprocess, the client as a piped
+subprocess, and the relay of test_client_resume to cut its link."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from test_client_resume import RECONNECTING, TIME, Proxy
+
+from tcpserver import display, transcript
+
+REPLAY = 5  # --history and --history-replay: most of a gap is missed
+SERVER = ("--max-per-ip=200", f"--history={REPLAY}", f"--history-replay={REPLAY}",
+          "--msg-rate=2000", "--msg-burst=2000")
+
+
+@pytest.fixture
+def link(request):
+    """Factory: ``link(server_port) -> Proxy``, closed at teardown."""
+
+    def make(port: int) -> Proxy:
+        made = Proxy(port)
+        request.addfinalizer(made.close)
+        return made
+
+    return make
+
+
+class Member:
+    """A raw member that keeps every room event it reads, from its join on."""
+
+    def __init__(self, raw, name: str) -> None:
+        self.raw = raw
+        self.events: list[dict] = []
+        raw.send({"type": "hello", "name": name})
+
+    def read_until(self, predicate, timeout: float = 20.0) -> None:
+        msg, seen = self.raw.recv_until(predicate, timeout)
+        self.events += [m for m in [*seen, msg] if "seq" in m]
+
+    def say(self, text: str) -> None:
+        self.raw.send({"type": "say", "text": text})
+
+    def transcript(self, last_text: str) -> dict[int, str]:
+        """Its events up to ``last_text``, each as bob's client shows it."""
+        self.read_until(lambda m: m.get("text") == last_text)
+        assert self.events == sorted(self.events, key=lambda m: m["seq"])
+        return {m["seq"]: display.room_event(m, False) for m in self.events}
+
+
+def away(link: Proxy, bob, alice: Member, texts: list[str]) -> None:
+    """Cut bob's link and keep it down while alice says ``texts``."""
+    link.held = True
+    link.cut()
+    bob.expect(RECONNECTING, key="err")
+    alice.read_until(lambda m: m["type"] == "leave" and m["member"] == "bob@127.0.0.1")
+    for text in texts:
+        alice.say(text)
+    alice.read_until(lambda m: m.get("text") == texts[-1])
+    link.held = False
+
+
+def room_lines(text: str) -> list[str]:
+    return re.findall(rf"^{TIME} .*$", text, re.M)
+
+
+def test_missed_events_beyond_the_replay_are_fetched_and_shown_once_in_order(
+        start_server, link, piped, open_client, tmp_path):
+    server = start_server(*SERVER, f"--db={tmp_path / 'room.db'}")
+    relay = link(server.port)
+    bob = piped(relay.port, "bob")
+    bob.expect(rf"^{TIME} \* bob@127.0.0.1 joined$")
+    alice = Member(open_client(server.port), "alice")
+    bob.expect(rf"^{TIME} \* alice@127.0.0.1 joined$")
+    away(relay, bob, alice, [f"away {n:02d}" for n in range(30)])
+    bob.expect(r"^\* reconnected as bob@127.0.0.1 \(\d+ in the room\)$")
+    alice.say("back")
+    bob.expect(rf"^{TIME} alice@127.0.0.1: back$")
+    assert bob.finish() == 0
+
+    # Bob's lines are alice's transcript (her welcome replayed bob's join),
+    # each once, in order, then his own leave; no gap is told of, for
+    # nothing is missing.
+    seen = alice.transcript("back")
+    assert room_lines(bob.text())[:-1] == [seen[seq] for seq in sorted(seen)], bob.text()
+    assert "(history)" not in bob.text()
+    assert "from while you were away" not in bob.text("err"), bob.text("err")
+    assert "Traceback" not in bob.text("err")
+
+
+def test_a_gap_longer_than_the_fill_is_counted_and_history_shows_the_rest(
+        start_server, link, piped, open_client, tmp_path):
+    server = start_server(*SERVER, f"--db={tmp_path / 'room.db'}")
+    relay = link(server.port)
+    bob = piped(relay.port, "bob")  # seq 1
+    bob.expect(rf"^{TIME} \* bob@127.0.0.1 joined$")
+    alice = Member(open_client(server.port), "alice")  # seq 2
+    bob.expect(rf"^{TIME} \* alice@127.0.0.1 joined$")
+    # Bob's hang-up (3), then 1050 lines (4-1053); his join is 1054.
+    count = transcript.GAP_FILL + 50
+    away(relay, bob, alice, [f"away {n:04d}" for n in range(count)])
+    bob.expect(r"^\* reconnected as bob@127.0.0.1 \(\d+ in the room\)$")
+    alice.say("back")
+    bob.expect(rf"^{TIME} alice@127.0.0.1: back$", timeout=20)
+    # The reply after 2 replays 1050-1054 and misses 3-1049; the welcome
+    # replayed 1049-1053; 1000 are fetched (49-1048) and 3-48 stay out.
+    hole = 46
+    bob.expect(rf"^! {hole} earlier events from while you were away are not shown "
+               r"\(/history shows them\)$", key="err")
+    bob.type("/history 30")
+    bob.expect(rf"^\* /history shows more \({hole - 30} from while you were away not "
+               r"shown yet\)$")
+    bob.type("/history")
+    bob.expect(r"^\* that closes the gap$")
+    bob.type("/history 5")
+    bob.expect(r"^\* nothing earlier is kept$")
+    assert bob.finish() == 0
+
+    seen = alice.transcript("back")
+    out = bob.text()
+    live = [line for line in room_lines(out) if "(history)" not in line][:-1]
+    assert live == [seen[seq] for seq in sorted(seen) if seq <= 2 or seq > 2 + hole], out
+    blocks = out[out.index("* 30 events from while you were away:"):]
+    assert re.findall(r"^\* \d+ events from while you were away:$", blocks, re.M) == [
+        "* 30 events from while you were away:", f"* {hole - 30} events from while you were "
+        "away:"]
+    history = [line.replace(" (history)", "") for line in room_lines(blocks)
+               if "(history)" in line]
+    # Newest first by page, each page in order: 19-48, then 3-18.
+    assert history == [seen[seq] for seq in range(3 + hole - 30, 3 + hole)] + [
+        seen[seq] for seq in range(3, 3 + hole - 30)], blocks
+    assert "Traceback" not in bob.text("err")
+
+
+# --- the rules, with no I/O --------------------------------------------------------
+
+
+def message(seq: int) -> dict:
+    return {"type": "message", "seq": seq, "from": "a@h", "text": f"m{seq}", "ts": 0}
+
+
+def welcome(last_seq: int) -> dict:
+    return {"type": "welcome", "name": "b", "label": "b@h", "epoch": "e1",
+            "last_seq": last_seq, "members": [], "more": False, "history": 0}
+
+
+def shown(lines) -> list[int]:
+    return [int(line.text.rsplit(": m", 1)[1]) for line in lines if ": m" in line.text]
+
+
+def test_transcript_fetches_the_missed_in_pages_and_leaves_a_hole_past_the_bound():
+    t = transcript.Transcript()
+    t.welcome(welcome(0), rejoin=False)
+    assert shown(t.event(message(1))) == [1]
+    _, request = t.welcome(welcome(1500), rejoin=True)
+    assert request == {"type": "history", "after": 1}
+    # The reply replays 1496-1500 and misses 2-1495.
+    assert t.history({"type": "history", "after": 1, "count": 5, "missed": 1494}) == []
+    for seq in range(1496, 1501):
+        assert t.event(message(seq)) == []
+    lines = []
+    for before in (1496, 1296, 1096, 896, 696):
+        assert t.filling
+        assert t.take_requests() == [{"type": "history", "before": before, "limit": 200}]
+        assert t.history({"type": "history", "before": before, "count": 200,
+                          "more": True}) == []
+        assert t.event(message(1501)) == []  # live meanwhile: held, not counted
+        for seq in range(before - 200, before):
+            lines += t.event(message(seq))
+    assert not t.filling and t.take_requests() == []
+    assert lines[0].err and lines[0].text == (
+        "! 494 earlier events from while you were away are not shown (/history shows them)")
+    assert shown(lines) == list(range(496, 1502))
+    assert t.holes == [(2, 495)]
+    # /history takes the hole first, newest events first.
+    assert t.older(20) == {"type": "history", "before": 496, "limit": 20}
+    t.history({"type": "history", "before": 496, "count": 20, "more": True})
+    page = []
+    for seq in range(476, 496):
+        page += t.event(message(seq))
+    assert page[0].text == "* 20 events from while you were away:"
+    assert page[-1].text == "* /history shows more (474 from while you were away not shown yet)"
+    assert t.holes == [(2, 475)] and t.oldest_seq == 1
+
+
+def test_transcript_counts_what_the_server_no_longer_keeps():
+    t = transcript.Transcript()
+    t.welcome(welcome(0), rejoin=False)
+    t.event(message(1))
+    t.welcome(welcome(20), rejoin=True)
+    t.history({"type": "history", "after": 1, "count": 5, "missed": 15})
+    for seq in range(17, 22):
+        t.event(message(seq))
+    assert t.take_requests() == [{"type": "history", "before": 17, "limit": 15}]
+    # Retention kept 10-16 only.
+    t.history({"type": "history", "before": 17, "count": 7, "more": False})
+    lines = []
+    for seq in range(10, 17):
+        lines += t.event(message(seq))
+    assert lines[0].text == "! 8 events from while you were away are no longer kept by the server"
+    assert shown(lines) == list(range(10, 22)) and t.holes == [] and not t.filling
