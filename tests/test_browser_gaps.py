@@ -161,3 +161,71 @@ def test_missed_events_are_loaded_in_place_at_their_markers(
     ]
     problems = [p for p in pages.problems if "WebSocket" not in p and "ERR_CONNECTION" not in p]
     assert problems == []
+
+
+def test_one_click_loads_at_most_a_thousand_and_the_marker_keeps_the_rest(
+        start_server, start_gateway, pages, open_client, tmp_path):
+    expect = expect_()
+    server = start_server("--max-per-ip=200", f"--db={tmp_path / 'room.db'}",
+                          f"--history={REPLAY}", f"--history-replay={REPLAY}",
+                          "--msg-rate=2000", "--msg-burst=2000")
+    dave = Member(open_client(server.port), "dave")
+    gateway = start_gateway(server.port)
+    alice = pages.open(gateway.url)
+    join(alice, "alice")
+    dave.read_until(lambda m: m["type"] == "join" and m["member"].startswith("alice@"))
+    _away(gateway, server.port, start_gateway, alice, dave,
+          [f"away {n:04d}" for n in range(1030)])
+    marker = alice.locator("#transcript li.gap-marker")
+    expect(marker).to_have_count(1)
+    after, before = marker.evaluate(
+        "e => [Number(e.dataset.after), Number(e.dataset.before)]")
+    size = before - after - 1
+    assert size > 1000
+
+    marker.locator("button").click()
+    expect(marker.locator(".gap-text")).to_have_text(
+        f"{size - 1000} earlier messages not shown \u2014")
+    expect(marker).to_have_attribute("data-state", "idle")
+    befores = [m for sent in pages.sent for m in sent
+               if m["type"] == "history" and "before" in m]
+    assert befores == [{"type": "history", "before": before - 200 * n, "limit": 200}
+                       for n in range(5)]
+    marker.locator("button").click()
+    expect(marker).to_have_count(0)
+    dave.say("end")
+    expect(message_entry(alice, "dave", "end")).to_have_count(1)
+    alice.wait_for_timeout(300)  # anything duplicated would arrive by now
+    entries = _page_entries(alice)
+    assert entries == [e for e in dave.entries() if e["seq"] >= entries[0]["seq"]]
+    assert [e["seq"] for e in entries] == list(range(entries[0]["seq"], entries[-1]["seq"] + 1))
+
+
+def test_a_new_transcript_leaves_old_markers_inert(start_server, start_gateway, pages,
+                                                   open_client, tmp_path):
+    expect = expect_()
+    options = ("--max-per-ip=200", f"--history={REPLAY}", f"--history-replay={REPLAY}",
+               "--msg-rate=1000", "--msg-burst=1000")
+    first = start_server(*options, f"--db={tmp_path / 'first.db'}")
+    dave = Member(open_client(first.port), "dave")
+    gateway = start_gateway(first.port)
+    alice = pages.open(gateway.url)
+    join(alice, "alice")
+    dave.read_until(lambda m: m["type"] == "join" and m["member"].startswith("alice@"))
+    _away(gateway, first.port, start_gateway, alice, dave, [f"away {n:02d}" for n in range(30)])
+    marker = alice.locator("#transcript li.gap-marker")
+    expect(marker).to_have_count(1)
+    size = marker.evaluate("e => Number(e.dataset.before) - Number(e.dataset.after) - 1")
+
+    # Another database behind the same port: a new epoch, whose numbers
+    # mean nothing for the old gap.
+    first.kill()
+    start_server(*options, f"--db={tmp_path / 'second.db'}", f"--port={first.port}")
+    expect(alice.locator("#transcript li.new-transcript")).to_have_count(1, timeout=BACK)
+    expect(marker).to_have_attribute("data-state", "stale")
+    expect(marker.locator(".gap-text")).to_have_text(
+        f"{size} earlier messages not shown (from the earlier transcript)")
+    expect(marker.locator("button")).to_be_hidden()
+    befores = [m for sent in pages.sent for m in sent
+               if m["type"] == "history" and "before" in m and m["limit"] != 50]
+    assert befores == []
