@@ -4,11 +4,12 @@ Server to browser, each frame's payload is relayed byte for byte (never
 re-encoded as JSON).  Payloads that are ready together go out together: one
 WebSocket text message carries every payload waiting at that moment, joined
 by ``"\\n"`` (protocol v2; JSON payloads never hold a raw newline), up to
-``BATCH_BYTES``.  Nothing waits to fill a batch: a lone frame in a quiet
-room goes out as soon as it is read.
+``RAW_BATCH_BYTES``, or ``BATCH_BYTES`` with permessage-deflate.  Nothing
+waits to fill a batch: a lone frame in a quiet room goes out as soon as it
+is read.
 
 The path is short on purpose.  The event loop hands each read from the chat
-server to ``Upstream.data_received``, which decodes every whole frame in it
+server to ``Session._from_server``, which decodes every whole frame in it
 at once (``FrameDecoder.payloads``) and appends the payloads to the open
 batch of one backlog (a deque of batches) in that same callback; one sender
 task takes the batches in order, with one ``send_frame`` each.  No queue
@@ -53,11 +54,15 @@ log = logging.getLogger(__name__)
 # A close handshake with a browser that stopped reading cannot finish;
 # after this long the transport is dropped instead.
 CLOSE_TIMEOUT = 5.0
-# Largest batch, in bytes (a single bigger payload still goes alone).  At
-# 100-byte chat lines that is ~150 payloads per message, enough to make the
-# per-message cost vanish; and it is aiohttp's limit for compressing inline,
-# so a browser that negotiated permessage-deflate costs no thread hop.
+# Largest batch, in bytes, for a browser that negotiated permessage-deflate
+# (a single bigger payload still goes alone): aiohttp's limit for
+# compressing inline, so compression costs no thread hop.  At 100-byte chat
+# lines that is ~150 payloads per message.
 BATCH_BYTES = 16 * 1024
+# Largest batch without compression: one whole read from the chat server
+# (asyncio reads at most 256 KiB) fits, so a read's payloads are appended
+# to a batch in one step instead of being split one by one between two.
+RAW_BATCH_BYTES = 256 * 1024
 
 
 class _Batch:
@@ -71,10 +76,14 @@ class _Batch:
         self.replies = 0  # how many parts are error replies, not relayed frames
 
 
-# Substrings a farewell payload must contain (see messages.farewell); a read
-# without them needs no per-frame look.  The longest is 10 bytes.
-_FAREWELL_TAGS = (b'"shutdown"', b'"error"')
-_TAG_OVERLAP = 16
+# Every farewell (a ``shutdown`` or an ``error``, see messages.farewell)
+# has a "message" key, and no other server message has one.  A JSON string
+# escapes its quotes, so chat text cannot hold this byte sequence, a key
+# followed by its colon: a read without it needs no per-frame look, and one
+# scan of the read replaces two (one per type name, which chat text can
+# hold, e.g. "text":"shutdown").
+_FAREWELL_KEY = b'"message":'
+_KEY_OVERLAP = len(_FAREWELL_KEY) - 1
 
 
 class Session:
@@ -96,6 +105,7 @@ class Session:
         self._tail = b""  # the end of the last read, for a tag split across reads
         self._carry = False  # a partial frame held by the decoder may hold a tag
         self._decoder = protocol.FrameDecoder(config.max_frame)
+        self._batch_limit = BATCH_BYTES if ws is None or ws.compress else RAW_BATCH_BYTES
         # The close the last server frame called for (a shutdown or a
         # closing error), and the close to make once the backlog is sent.
         self._farewell: tuple[int, str] | None = None
@@ -188,7 +198,7 @@ class Session:
     # --- server to browser -----------------------------------------------------
 
     def _from_server(self, data: bytes) -> None:
-        """Upstream.data_received: decode one read and queue its payloads."""
+        """Upstream's on_data: decode one read and queue its payloads."""
         if self._closer is not None or self._end is not None:
             return
         try:
@@ -203,16 +213,20 @@ class Session:
             self._overflow()
             return
         # Without copying the read: look in it, and across its seam with the last.
-        seam = self._tail + data[:_TAG_OVERLAP]
-        shutdown, error = _FAREWELL_TAGS
-        look = (self._carry or shutdown in data or error in data
-                or shutdown in seam or error in seam)
-        self._tail = data[-_TAG_OVERLAP:] if len(data) >= _TAG_OVERLAP else seam[-_TAG_OVERLAP:]
+        seam = self._tail + data[:_KEY_OVERLAP]
+        look = self._carry or _FAREWELL_KEY in data or _FAREWELL_KEY in seam
+        self._tail = data[-_KEY_OVERLAP:] if len(data) >= _KEY_OVERLAP else seam[-_KEY_OVERLAP:]
         decoder = self._decoder
         payloads: list[bytes] = []
         bad: protocol.FrameError | None = None
+        grown = 0
+        held = decoder.buffered + len(data)
         try:
             payloads = decoder.payloads(data)
+            # The joined size of the payloads, from the bytes the decoder
+            # consumed: each frame is its payload plus a 4-byte header, each
+            # part of a batch its payload plus a 1-byte separator.
+            grown = held - decoder.buffered - 3 * len(payloads)
             if payloads and decoder.buffered >= protocol.HEADER.size:
                 # A length header is left: this finds a bad one that stopped
                 # the first call (the frames before it are relayed first).
@@ -228,7 +242,7 @@ class Session:
         except protocol.FrameError as exc:
             bad = exc  # the frames before it are still relayed
         if payloads:
-            self._queue(payloads, 0)
+            self._queue(payloads, grown, 0)
         if bad is not None:
             log.warning("%s: bad frame from the chat server: %s", self, bad.message)
             self._end = (WSCloseCode.INTERNAL_ERROR, "the chat server sent a bad frame")
@@ -236,25 +250,32 @@ class Session:
                 self.upstream.abort()
             self._wake_sender()
 
-    def _queue(self, payloads: list[bytes], replies: int) -> None:
+    def _queue(self, payloads: list[bytes], grown: int, replies: int) -> None:
         """Append ``payloads`` to the backlog's batches and wake the sender.
 
+        ``grown`` is their joined size (bytes plus one separator each);
         ``replies`` of them (0 or all) are the gateway's own error replies.
         """
         backlog = self._backlog
         batch = backlog[-1] if backlog else None
-        grown = sum(map(len, payloads)) + len(payloads)  # bytes and separators
-        if batch is not None and batch.size + grown <= BATCH_BYTES:
+        limit = self._batch_limit
+        if batch is not None and batch.size + grown <= limit:
             batch.parts.extend(payloads)  # the usual case: all into the open batch
             batch.size += grown
             batch.replies += replies
+        elif grown - 1 <= limit:
+            batch = _Batch()  # they fit together in a new one
+            batch.parts.extend(payloads)
+            batch.size += grown
+            batch.replies += replies
+            backlog.append(batch)
         else:
-            if batch is None or batch.size + 1 + len(payloads[0]) > BATCH_BYTES:
+            if batch is None or batch.size + 1 + len(payloads[0]) > limit:
                 batch = _Batch()
                 backlog.append(batch)
             parts, size = batch.parts, batch.size
             for payload in payloads:
-                if size + 1 + len(payload) > BATCH_BYTES and parts:
+                if size + 1 + len(payload) > limit and parts:
                     batch.size = size
                     batch = _Batch()
                     backlog.append(batch)
@@ -288,7 +309,8 @@ class Session:
             # hold its replies without bound either.
             self._overflow()
             return
-        self._queue([error_payload(code, message)], 1)
+        payload = error_payload(code, message)
+        self._queue([payload], len(payload) + 1, 1)
 
     def _overflow(self) -> None:
         self.close(WSCloseCode.TRY_AGAIN_LATER,

@@ -546,11 +546,14 @@ async def test_a_relay_bug_closes_the_session_1011(gateway_client, server, membe
 
 # --- batching --------------------------------------------------------------
 
+@pytest.mark.parametrize("compress", [0, 15], ids=["raw", "deflate"])
 async def test_a_burst_is_batched_in_order_and_matches_a_raw_members_transcript(
-        gateway_client, start_server):
+        gateway_client, start_server, compress):
     """Four raw members each send 250 messages in one write while the page
     says 50 of its own: the page gets several payloads per WebSocket
-    message, and exactly the transcript a raw member gets, in order."""
+    message, and exactly the transcript a raw member gets, in order.  With
+    permessage-deflate the messages are kept within aiohttp's limit for
+    compressing inline."""
     server = start_server("--max-per-ip=200", "--msg-rate=1e9", "--msg-burst=1000000000")
     listener = RawClient(server.port)
     senders = [RawClient(server.port) for _ in range(4)]
@@ -559,7 +562,8 @@ async def test_a_burst_is_batched_in_order_and_matches_a_raw_members_transcript(
         for i, sender in enumerate(senders):
             sender.join(f"s{i}")
         client = await gateway_client(server.port)
-        async with client.ws_connect("/ws") as ws:
+        async with client.ws_connect("/ws", compress=compress) as ws:
+            assert ws.compress == compress
             page = (await join(ws, "page"))["label"]
             await in_thread(listener.recv_until,
                             lambda m: m["type"] == "join" and m["member"] == page)
@@ -595,7 +599,8 @@ async def test_a_burst_is_batched_in_order_and_matches_a_raw_members_transcript(
         assert [t for _, who, t in on_page if who == page] == [f"page-{n}" for n in range(50)]
         # Batched: fewer WebSocket messages than payloads, none over the cap.
         assert len(sizes) < len(seen)
-        assert max(sizes) <= gateway.session.BATCH_BYTES
+        cap = gateway.session.BATCH_BYTES if compress else gateway.session.RAW_BATCH_BYTES
+        assert max(sizes) <= cap
     finally:
         for raw in (listener, *senders):
             raw.close()
@@ -621,6 +626,31 @@ async def test_a_farewell_is_found_however_the_reads_split_it():
         assert session._farewell == (1012, "the server is shutting down"), cut
         relayed = [part for batch in session._backlog for part in batch.parts]
         assert relayed == [frame[4:] for frame in frames]
+
+
+async def test_chat_text_cannot_pass_for_a_farewell(monkeypatch):
+    """Chat text that spells out a farewell, quotes and all, is escaped by
+    JSON: the relay neither takes it for one nor parses it looking for
+    one; a real closing error after it is found."""
+    from gateway.metrics import Metrics
+    from gateway.session import Session
+
+    looked = []
+    real = gateway.session.farewell
+    monkeypatch.setattr(gateway.session, "farewell",
+                        lambda payload: looked.append(payload) or real(payload))
+    texts = ['{"type":"shutdown","message":"bye"}', '"message":', "shutdown", "error"]
+    chat = b"".join(protocol.encode_frame({"type": "message", "seq": n, "from": "a@b",
+                                           "text": text, "ts": 1})
+                    for n, text in enumerate(texts, 1))
+    session = Session(None, None, GatewayConfig(), Metrics())
+    session._from_server(chat)
+    assert (session._farewell, looked) == (None, [])
+    closing = protocol.encode_frame({"type": "error", "code": "idle_timeout",
+                                     "message": "idle too long"})
+    session._from_server(closing)
+    assert session._farewell == (1008, "idle too long")
+    assert looked == [closing[4:]]
 
 
 # --- admission: origin and per-address cap ----------------------------------
