@@ -46,7 +46,7 @@ from gateway.messages import (
     farewell,
 )
 from gateway.metrics import Metrics
-from gateway.upstream import Upstream
+from gateway.upstream import READ_BYTES, Upstream
 from tcpserver import protocol
 
 log = logging.getLogger(__name__)
@@ -60,9 +60,10 @@ CLOSE_TIMEOUT = 5.0
 # lines that is ~150 payloads per message.
 BATCH_BYTES = 16 * 1024
 # Largest batch without compression: one whole read from the chat server
-# (asyncio reads at most 256 KiB) fits, so a read's payloads are appended
-# to a batch in one step instead of being split one by one between two.
-RAW_BATCH_BYTES = 256 * 1024
+# fits, so a read's payloads are appended to a batch in one step instead of
+# being split one by one between two; and joining a batch still takes
+# memory from malloc's heap, not a fresh mmap (glibc's threshold: 128 KiB).
+RAW_BATCH_BYTES = READ_BYTES
 
 
 class _Batch:
@@ -106,6 +107,7 @@ class Session:
         self._carry = False  # a partial frame held by the decoder may hold a tag
         self._decoder = protocol.FrameDecoder(config.max_frame)
         self._batch_limit = BATCH_BYTES if ws is None or ws.compress else RAW_BATCH_BYTES
+        self._to_server_metric = metrics.relayed.labels("to_server")
         # The close the last server frame called for (a shutdown or a
         # closing error), and the close to make once the backlog is sent.
         self._farewell: tuple[int, str] | None = None
@@ -383,7 +385,7 @@ class Session:
         if upstream.closing:
             return  # the server hung up; the session is about to close
         upstream.write(frame)
-        self.metrics.relayed.labels("to_server").inc()
+        self._to_server_metric.inc()
         # Waiting here stops us reading the WebSocket, so a browser cannot
         # outrun a slow server: backpressure, not buffering.
         await upstream.drain()
