@@ -27,6 +27,9 @@ def browser_frame(text: str, address: str | None, max_frame: int) -> tuple[str, 
 
     A ``hello`` gets ``forwarded_for`` set to ``address`` (whatever the
     browser put there is replaced, or dropped if the address is unknown).
+    Any other message is forwarded as the browser wrote it: it passed the
+    same parser and checks the server applies, so encoding it again would
+    only cost a JSON encode per message.
     Raises protocol.ProtocolError if the message may not be forwarded.
     """
     try:
@@ -43,7 +46,8 @@ def browser_frame(text: str, address: str | None, max_frame: int) -> tuple[str, 
         message.pop("forwarded_for", None)
         if address is not None:
             message["forwarded_for"] = address
-    return kind, protocol.encode_frame(message, max_frame)
+        return kind, protocol.encode_frame(message, max_frame)
+    return kind, protocol.frame_payload(payload, max_frame)
 
 
 # WebSocket close codes (RFC 6455 section 7.4.1 and the IANA registry) for a
