@@ -17,7 +17,8 @@ to print and, after a rejoin, the ``history`` request to send.  Its rules:
   line says how many events are not shown, where they belong, and that
   ``/history`` shows them; what the server no longer keeps is counted;
 * after a rejoin in another epoch the old numbers mean nothing: one line
-  says so and no history is asked with them;
+  says so, no history is asked with them, and what was held for a gap
+  still being filled when the link dropped again is dropped;
 * ``older(n)`` asks for the ``n`` newest events of the newest hole, else
   the ``n`` before the oldest one shown (``history before``); they are
   printed as one block, marked ``(history)``.
@@ -91,6 +92,10 @@ class Transcript:
         request = None
         self._older_due = 0
         self._fill, self._fill_due, self._requests = None, None, []
+        # A gap being filled when the link dropped again is given up: the
+        # same epoch asks again from the last seq shown; another epoch's
+        # numbers are not ours (its held events go, as on the page).
+        self._gap, self._gap_due, self._missed = None, None, 0
         if rejoin and self.last_seq and epoch is not None and epoch == self.epoch:
             self._gap, self._gap_due, self._missed = {}, None, 0
             self._welcome_last = msg["last_seq"]

@@ -7,6 +7,9 @@ subprocess, and the relay of test_client_resume to cut its link."""
 from __future__ import annotations
 
 import re
+import select
+import socket
+import threading
 
 import pytest
 from test_client_resume import RECONNECTING, TIME, Proxy
@@ -28,6 +31,34 @@ def link(request):
         return made
 
     return make
+
+
+class CuttingProxy(Proxy):
+    """A relay that cuts every link, and holds, the moment the client sends
+    a frame holding ``cut_on`` (that frame is not passed on)."""
+
+    def __init__(self, target: int, cut_on: bytes) -> None:
+        self.cut_on = cut_on
+        self.tripped = threading.Event()
+        super().__init__(target)
+
+    def _pump(self, a: socket.socket, b: socket.socket) -> None:
+        peers = {a: b, b: a}
+        try:
+            while True:
+                ready, _, _ = select.select([a, b], [], [], 0.2)
+                for sock in ready:
+                    data = sock.recv(65536)
+                    if not data:
+                        return
+                    if sock is a and self.cut_on in data and not self.tripped.is_set():
+                        self.held = True
+                        self.tripped.set()
+                        self.cut()
+                        return
+                    peers[sock].sendall(data)
+        except (OSError, ValueError):
+            return  # cut: a socket was closed under us
 
 
 class Member:
@@ -136,6 +167,48 @@ def test_a_gap_longer_than_the_fill_is_counted_and_history_shows_the_rest(
     assert "Traceback" not in bob.text("err")
 
 
+@pytest.mark.parametrize("cut_on", [b'"after"', b'"before"'])
+def test_a_new_epoch_after_a_drop_in_the_middle_of_filling_a_gap_starts_afresh(
+        start_server, piped, open_client, request, cut_on):
+    # The link drops once more while the gap is being filled (before the
+    # reply to history after, or while its missed events are fetched), and
+    # the server comes back with a new transcript.  The client must show
+    # the new room, not sit on what it held from the old one (before: with
+    # the after request cut it held every event for ever and took no input;
+    # with a before request cut it showed the old transcript's held events
+    # as new ones and then skipped the new room's events as seen).
+    server = start_server(*SERVER, "--db=:memory:")
+    relay = CuttingProxy(server.port, cut_on)
+    request.addfinalizer(relay.close)
+    bob = piped(relay.port, "bob")
+    bob.expect(rf"^{TIME} \* bob@127.0.0.1 joined$")
+    alice = Member(open_client(server.port), "alice")
+    bob.expect(rf"^{TIME} \* alice@127.0.0.1 joined$")
+    relay.tripped.set()  # the first cut is away()'s own
+    away(relay, bob, alice, [f"away {n:03d}" for n in range(300)])
+    relay.tripped.clear()
+    assert relay.tripped.wait(20), "the client did not ask for the gap"
+    server.kill()
+    restarted = start_server(*SERVER, "--db=:memory:")
+    relay.target = restarted.port
+    carol = Member(open_client(restarted.port), "carol")
+    for n in range(3):
+        carol.say(f"fresh {n}")
+    carol.read_until(lambda m: m.get("text") == "fresh 2")
+    relay.held = False
+    bob.expect(transcript.NEW_EPOCH.replace("(", r"\(").replace(")", r"\)"), key="err",
+               timeout=20)
+    for n in range(3):
+        bob.expect(rf"^{TIME} (\(history\) )?carol@127.0.0.1: fresh {n}$")
+    bob.type("back")
+    carol.read_until(lambda m: m.get("text") == "back")
+    assert bob.finish() == 0
+    out = bob.text()
+    # Nothing of the old transcript after the new one began.
+    assert "away" not in out[out.index("carol@127.0.0.1"):], out
+    assert "Traceback" not in bob.text("err")
+
+
 # --- the rules, with no I/O --------------------------------------------------------
 
 
@@ -203,3 +276,21 @@ def test_transcript_counts_what_the_server_no_longer_keeps():
         lines += t.event(message(seq))
     assert lines[0].text == "! 8 events from while you were away are no longer kept by the server"
     assert shown(lines) == list(range(10, 22)) and t.holes == [] and not t.filling
+
+
+@pytest.mark.parametrize("header", [False, True])
+def test_transcript_a_new_epoch_in_the_middle_of_a_fill_drops_what_was_held(header):
+    t = transcript.Transcript()
+    t.welcome(welcome(0), rejoin=False)
+    t.event(message(1))
+    t.welcome(welcome(1500), rejoin=True)
+    if header:  # the after reply came and the missed were being fetched
+        t.history({"type": "history", "after": 1, "count": 5, "missed": 1494})
+        for seq in range(1496, 1501):
+            t.event(message(seq))
+        assert t.take_requests()
+    assert t.filling
+    lines, request = t.welcome({**welcome(3), "epoch": "e2"}, rejoin=True)
+    assert request is None and lines[0].text == transcript.NEW_EPOCH
+    assert not t.filling and t.take_requests() == []
+    assert shown([line for seq in (1, 2, 3) for line in t.event(message(seq))]) == [1, 2, 3]
