@@ -10,11 +10,12 @@ is read.
 
 The path is short on purpose.  The event loop hands each read from the chat
 server to ``Session._from_server``, which decodes every whole frame in it
-at once (``FrameDecoder.payloads``) and appends the payloads to the open
-batch of one backlog (a deque of batches) in that same callback; one sender
-task takes the batches in order, with one ``send_frame`` each.  No queue
-hop or task switch per frame, one copy out of the frame decoder and one into
-the message.
+at once (``FrameDecoder.payloads``), joins them by "\\n" and appends that
+chunk to the open batch of one backlog (a deque of batches) in that same
+callback; one sender task takes the batches in order, with one
+``send_frame`` each (a batch of one chunk is sent as it is).  No queue hop
+or task switch per frame, one copy out of the frame decoder and one into
+the chunk.
 
 Backpressure, in frames: when a read arrives while ``queue_size`` frames
 from earlier reads are still waiting (the browser stopped taking them), the
@@ -69,12 +70,30 @@ RAW_BATCH_BYTES = READ_BYTES
 class _Batch:
     """Payloads bound for one WebSocket message, filled as they arrive."""
 
-    __slots__ = ("parts", "size", "replies")
+    __slots__ = ("chunks", "size", "frames", "replies")
 
     def __init__(self) -> None:
-        self.parts: list[bytes] = []
-        self.size = -1  # joined length: each part adds its bytes plus a separator
-        self.replies = 0  # how many parts are error replies, not relayed frames
+        # Each chunk is the payloads of one read (or one error reply),
+        # already joined by "\n": joined while the read is still in the
+        # CPU's cache, and most messages are one chunk, sent as it is.
+        self.chunks: list[bytes] = []
+        self.size = -1  # joined length: each payload adds its bytes plus a separator
+        self.frames = 0  # payloads in the chunks
+        self.replies = 0  # how many of them are error replies, not relayed frames
+
+
+def _runs(payloads: list[bytes], limit: int):
+    """Split ``payloads`` into runs that each fit a ``limit``-byte message
+    (a bigger payload goes alone); yield (run, its joined size plus 1)."""
+    run: list[bytes] = []
+    size = -1
+    for payload in payloads:
+        if run and size + 1 + len(payload) > limit:
+            yield run, size + 1
+            run, size = [], -1
+        run.append(payload)
+        size += 1 + len(payload)
+    yield run, size + 1
 
 
 # Every farewell (a ``shutdown`` or an ``error``, see messages.farewell)
@@ -258,34 +277,21 @@ class Session:
         ``grown`` is their joined size (bytes plus one separator each);
         ``replies`` of them (0 or all) are the gateway's own error replies.
         """
+        limit = self._batch_limit
+        if grown - 1 > limit:
+            # More than one message holds (only with deflate's small limit).
+            for run, size in _runs(payloads, limit):
+                self._queue(run, size, len(run) if replies else 0)
+            return
         backlog = self._backlog
         batch = backlog[-1] if backlog else None
-        limit = self._batch_limit
-        if batch is not None and batch.size + grown <= limit:
-            batch.parts.extend(payloads)  # the usual case: all into the open batch
-            batch.size += grown
-            batch.replies += replies
-        elif grown - 1 <= limit:
-            batch = _Batch()  # they fit together in a new one
-            batch.parts.extend(payloads)
-            batch.size += grown
-            batch.replies += replies
+        if batch is None or batch.size + grown > limit:
+            batch = _Batch()
             backlog.append(batch)
-        else:
-            if batch is None or batch.size + 1 + len(payloads[0]) > limit:
-                batch = _Batch()
-                backlog.append(batch)
-            parts, size = batch.parts, batch.size
-            for payload in payloads:
-                if size + 1 + len(payload) > limit and parts:
-                    batch.size = size
-                    batch = _Batch()
-                    backlog.append(batch)
-                    parts, size = batch.parts, batch.size
-                parts.append(payload)
-                size += 1 + len(payload)
-            batch.size = size
-            batch.replies += replies
+        batch.chunks.append(b"\n".join(payloads))
+        batch.size += grown
+        batch.frames += len(payloads)
+        batch.replies += replies
         self._waiting += len(payloads)
         self._wake_sender()
 
@@ -338,9 +344,10 @@ class Session:
                 self._wakeup = None
                 continue
             taken = backlog.popleft()
-            self._waiting -= len(taken.parts)
-            relayed = len(taken.parts) - taken.replies
-            batch = b"\n".join(taken.parts)
+            self._waiting -= taken.frames
+            relayed = taken.frames - taken.replies
+            chunks = taken.chunks
+            batch = chunks[0] if len(chunks) == 1 else b"\n".join(chunks)
             # ASCII is UTF-8; only other text needs the full check.  A
             # browser fails the whole connection on a bad text message.
             if not batch.isascii():

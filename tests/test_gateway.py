@@ -624,7 +624,8 @@ async def test_a_farewell_is_found_however_the_reads_split_it():
         for piece in pieces:
             session._from_server(piece)
         assert session._farewell == (1012, "the server is shutting down"), cut
-        relayed = [part for batch in session._backlog for part in batch.parts]
+        relayed = b"\n".join(chunk for batch in session._backlog
+                             for chunk in batch.chunks).split(b"\n")
         assert relayed == [frame[4:] for frame in frames]
 
 
