@@ -176,13 +176,18 @@ class FrameDecoder:
         unpack = HEADER.unpack_from
         out: list[bytes] = []
         if data and self._pos == len(self._buf):
+            # The gateway's hot loop, once per relayed frame: kept to the
+            # fewest bytecodes (a bound append, each sum computed once).
+            append = out.append
             pos, size = 0, len(data)
-            while size - pos >= head:
+            last = size - head  # where the last whole header can start
+            while pos <= last:
                 (length,) = unpack(data, pos)
-                end = pos + head + length
+                start = pos + head
+                end = start + length
                 if end > size or not 0 < length <= limit:
                     break
-                out.append(data[pos + head : end])  # a slice of bytes: one copy
+                append(data[start:end])  # a slice of bytes: one copy
                 pos = end
             self._buf.clear()
             self._pos = 0
