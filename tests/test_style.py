@@ -27,6 +27,7 @@ def test_only_the_protocol_module_touches_frame_headers():
 def test_no_print_in_server_or_gateway():
     # The terminal client's user interface (display.py) is the one exception.
     pattern = re.compile(r"^\s*print\(", re.M)
-    paths = [*ROOT.glob("gateway/*.py"), ROOT / "tcpserver" / "server.py",
-             ROOT / "tcpserver" / "rules.py"]
+    paths = [*ROOT.glob("gateway/*.py"), ROOT / "tcpserver" / "rules.py",
+             *(ROOT / "tcpserver" / f"{name}.py"
+               for name in ("server", "inbound", "outbound", "listener", "pacing"))]
     assert [p.name for p in paths if pattern.search(p.read_text())] == []
