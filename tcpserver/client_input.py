@@ -113,6 +113,8 @@ async def _command(session: Session, command: str, rest: str, confirm: bool) -> 
         if not count.isdigit() or int(count) < 1:
             session.show("! usage: /history [N], N a number of events", err=True)
             return True
+        # Aimed once back and the gap filled: a hole the fill leaves comes first.
+        await session.ready.wait()
         request = session.transcript.older(int(count))
         if request is None:
             session.show("* nothing shown yet to go back from")

@@ -167,6 +167,34 @@ def test_a_gap_longer_than_the_fill_is_counted_and_history_shows_the_rest(
     assert "Traceback" not in bob.text("err")
 
 
+def test_slash_history_typed_before_the_fill_is_done_starts_with_the_gap(
+        start_server, link, piped, open_client, tmp_path):
+    # A piped /history read while the client is still away (or filling):
+    # it must go out once the fill is done, and so start with the gap the
+    # fill left (before: it was aimed at the oldest line shown before the
+    # drop, and said nothing earlier is kept).
+    server = start_server(*SERVER, f"--db={tmp_path / 'room.db'}")
+    relay = link(server.port)
+    bob = piped(relay.port, "bob")
+    bob.expect(rf"^{TIME} \* bob@127.0.0.1 joined$")
+    alice = Member(open_client(server.port), "alice")
+    bob.expect(rf"^{TIME} \* alice@127.0.0.1 joined$")
+    relay.held = True
+    relay.cut()
+    bob.expect(RECONNECTING, key="err")
+    bob.type("/history 30")
+    alice.read_until(lambda m: m["type"] == "leave" and m["member"] == "bob@127.0.0.1")
+    for n in range(transcript.GAP_FILL + 50):
+        alice.say(f"away {n:04d}")
+    alice.read_until(lambda m: m.get("text") == f"away {transcript.GAP_FILL + 49:04d}")
+    relay.held = False
+    bob.expect(r"^! 46 earlier events from while you were away are not shown "
+               r"\(/history shows them\)$", key="err", timeout=20)
+    bob.expect(r"^\* /history shows more \(16 from while you were away not shown yet\)$")
+    assert bob.finish() == 0
+    assert "nothing earlier is kept" not in bob.text()
+
+
 @pytest.mark.parametrize("cut_on", [b'"after"', b'"before"'])
 def test_a_new_epoch_after_a_drop_in_the_middle_of_filling_a_gap_starts_afresh(
         start_server, piped, open_client, request, cut_on):
