@@ -261,6 +261,9 @@ class Session:
                 self._show_members()
         elif kind == "error" and msg["code"] == "unknown_seq" and transcript.filling:
             self._print(transcript.unknown_seq())
+        elif kind == "error" and msg["code"] == "room_unavailable" and transcript.filling:
+            self.show(display.error(msg["code"], msg["message"]), err=True)
+            self._print(transcript.unavailable())
         elif kind == "error":
             if msg["code"] in _NO_RETURN:
                 self.refused = msg["code"]

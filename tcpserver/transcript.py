@@ -15,7 +15,8 @@ to print and, after a rejoin, the ``history`` request to send.  Its rules:
   ``history before``, in pages of MAX_OLDER, still holding everything
   else; then all are shown in order.  A longer gap leaves a *hole*: one
   line says how many events are not shown, where they belong, and that
-  ``/history`` shows them; what the server no longer keeps is counted;
+  ``/history`` shows them; what the server no longer keeps is counted, and
+  a page the room cannot read now (``room_unavailable``) leaves a hole too;
 * after a rejoin in another epoch the old numbers mean nothing: one line
   says so, no history is asked with them, and what was held for a gap
   still being filled when the link dropped again is dropped;
@@ -174,6 +175,18 @@ class Transcript:
         for seq in sorted(held):
             lines += self._show(held[seq])
         return lines
+
+    def unavailable(self) -> list[Line]:
+        """Take a ``room_unavailable`` error: while a page of the gap is
+        due it is that page's answer (the room cannot read its history now,
+        e.g. Redis is away), so what is held is shown and the rest of the
+        gap is left as a hole for ``/history``."""
+        if self._fill is None or self._fill_due is not None:
+            return []
+        lo, hi = self._fill
+        self.holes.append((lo, hi))
+        return self._close_gap([Line(f"! {hi - lo + 1} earlier events from while you were away "
+                                     "are not shown (/history shows them)", err=True)])
 
     def older(self, count: int) -> dict | None:
         """The request for the ``count`` newest events of the newest hole,

@@ -10,11 +10,14 @@ import re
 import select
 import socket
 import threading
+import time
 
 import pytest
 from test_client_resume import RECONNECTING, TIME, Proxy
 
 from tcpserver import display, transcript
+
+pytest_plugins = ["redis_fixtures"]
 
 REPLAY = 5  # --history and --history-replay: most of a gap is missed
 SERVER = ("--max-per-ip=200", f"--history={REPLAY}", f"--history-replay={REPLAY}",
@@ -34,11 +37,14 @@ def link(request):
 
 
 class CuttingProxy(Proxy):
-    """A relay that cuts every link, and holds, the moment the client sends
-    a frame holding ``cut_on`` (that frame is not passed on)."""
+    """A relay that acts the moment the client sends a frame holding
+    ``cut_on``: it cuts every link and holds (that frame is not passed on),
+    or with ``gate`` it holds that frame back until ``gate`` is set."""
 
-    def __init__(self, target: int, cut_on: bytes) -> None:
+    def __init__(self, target: int, cut_on: bytes,
+                 gate: threading.Event | None = None) -> None:
         self.cut_on = cut_on
+        self.gate = gate
         self.tripped = threading.Event()
         super().__init__(target)
 
@@ -52,10 +58,12 @@ class CuttingProxy(Proxy):
                     if not data:
                         return
                     if sock is a and self.cut_on in data and not self.tripped.is_set():
-                        self.held = True
                         self.tripped.set()
-                        self.cut()
-                        return
+                        if self.gate is None:
+                            self.held = True
+                            self.cut()
+                            return
+                        self.gate.wait(30)
                     peers[sock].sendall(data)
         except (OSError, ValueError):
             return  # cut: a socket was closed under us
@@ -237,6 +245,56 @@ def test_a_new_epoch_after_a_drop_in_the_middle_of_filling_a_gap_starts_afresh(
     assert "Traceback" not in bob.text("err")
 
 
+def test_a_gap_page_the_room_cannot_read_leaves_a_hole_not_a_frozen_client(
+        start_redis, start_server, piped, open_client, request):
+    # Redis goes away just as a gap page is asked for (older than the
+    # node's memory copy, so read from the stream): the reply is
+    # room_unavailable.  The client must show what it holds and leave the
+    # rest to /history, not hold every event and all input for ever.
+    redis = start_redis(persist=True)
+    server = start_server(*SERVER, f"--redis={redis.url}")
+    gate = threading.Event()
+    relay = CuttingProxy(server.port, b'"before"', gate)
+    request.addfinalizer(gate.set)
+    request.addfinalizer(relay.close)
+    bob = piped(relay.port, "bob")
+    bob.expect(rf"^{TIME} \* bob@127.0.0.1 joined$")
+    alice = Member(open_client(server.port), "alice")
+    bob.expect(rf"^{TIME} \* alice@127.0.0.1 joined$")
+    away(relay, bob, alice, [f"away {n:02d}" for n in range(30)])
+    assert relay.tripped.wait(20), "the client did not ask for the gap"
+    redis.kill()
+    ping_until(alice, degraded=True)
+    gate.set()  # the page is asked for now, while Redis is away
+    bob.expect(r"^! .*room_unavailable|cannot", key="err")
+    redis.start()
+    ping_until(alice, degraded=False)
+    alice.say("redis is back")
+    bob.expect(rf"^{TIME} alice@127.0.0.1: redis is back$", timeout=20)
+    hole = re.search(r"^! (\d+) earlier events from while you were away are not shown "
+                     r"\(/history shows them\)$", bob.text("err"), re.M)
+    assert hole, bob.text("err")
+    bob.type("/history 200")
+    bob.expect(r"^\* that closes the gap$")
+    bob.type("done")
+    alice.read_until(lambda m: m.get("text") == "done")
+    assert bob.finish() == 0
+    assert "Traceback" not in bob.text("err")
+
+
+def ping_until(member: Member, degraded: bool, timeout: float = 20.0) -> None:
+    """Ping until the pong says the room is (or is no longer) degraded."""
+    deadline = time.monotonic() + timeout
+    while True:
+        member.raw.send({"type": "ping", "token": "health"})
+        pong, seen = member.raw.recv_until(lambda m: m.get("token") == "health")
+        member.events += [m for m in seen if "seq" in m]
+        if bool(pong.get("degraded")) == degraded:
+            return
+        assert time.monotonic() < deadline, f"degraded never became {degraded}"
+        time.sleep(0.1)
+
+
 # --- the rules, with no I/O --------------------------------------------------------
 
 
@@ -322,3 +380,21 @@ def test_transcript_a_new_epoch_in_the_middle_of_a_fill_drops_what_was_held(head
     assert request is None and lines[0].text == transcript.NEW_EPOCH
     assert not t.filling and t.take_requests() == []
     assert shown([line for seq in (1, 2, 3) for line in t.event(message(seq))]) == [1, 2, 3]
+
+
+def test_transcript_a_gap_page_refused_leaves_a_hole_and_shows_what_is_held():
+    t = transcript.Transcript()
+    t.welcome(welcome(0), rejoin=False)
+    t.event(message(1))
+    t.welcome(welcome(40), rejoin=True)
+    assert t.unavailable() == []  # no page asked yet: not ours
+    t.history({"type": "history", "after": 1, "count": 5, "missed": 34})
+    for seq in range(36, 41):
+        t.event(message(seq))
+    assert t.take_requests() == [{"type": "history", "before": 36, "limit": 34}]
+    lines = t.unavailable()
+    assert lines[0].text == ("! 34 earlier events from while you were away are not shown "
+                             "(/history shows them)")
+    assert shown(lines) == list(range(36, 41)) and not t.filling
+    assert t.holes == [(2, 35)]
+    assert t.older(200) == {"type": "history", "before": 36, "limit": 34}
