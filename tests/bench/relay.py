@@ -5,6 +5,7 @@ through websockify in front of the same chat server, in one run.
                                   [--window 32] [--text-bytes 100]
                                   [--seconds 5] [--workers 1]
                                   [--no-websockify] [--baseline CHECKOUT]
+                                  [--compress 15]
                                   [--profile PATH]
 
 Starts the chat server (rate limits lifted) and ``python -m gateway`` on
@@ -15,7 +16,9 @@ sessions join; the first PUBLISHERS each keep WINDOW messages in flight (a
 new ``say`` when one of its own comes back), so the offered load follows
 what is delivered and nobody falls behind; every message goes to every
 session.  The gateway is spoken to in JSON text (several payloads per
-message, one per line); websockify carries raw frames in binary messages.
+message, one per line; with ``--compress 15`` the sessions offer
+permessage-deflate, as Chromium and Firefox do, and the gateway accepts);
+websockify carries raw frames in binary messages.
 
 Prints, per target, one line of key=value pairs: deliveries per second in
 the measured window, lost messages (must be 0), the target's CPU use and
@@ -186,7 +189,7 @@ class Member:
 
 
 async def join(http: aiohttp.ClientSession, url: str, name: str, binary: bool,
-               say, window: int) -> Member:
+               say, window: int, compress: int = 0) -> Member:
     if binary:
         ws = await http.ws_connect(url, protocols=("binary",), max_msg_size=0)
         await ws.send_bytes(protocol.encode_frame({"type": "hello", "name": name}))
@@ -197,7 +200,7 @@ async def join(http: aiohttp.ClientSession, url: str, name: str, binary: bool,
             if (payload := decoder.next_payload()) is not None:
                 break
     else:
-        ws = await http.ws_connect(url, max_msg_size=0)
+        ws = await http.ws_connect(url, max_msg_size=0, compress=compress)
         await ws.send_str(f'{{"type":"hello","name":"{name}"}}')
         payload = (await ws.receive()).data.split("\n", 1)[0].encode()
     message = protocol.parse_server_message(payload)
@@ -218,7 +221,8 @@ async def load(url: str, binary: bool, args, prefix: str, pid: int, server_pid: 
         async def one(i: int) -> Member:
             async with gate:
                 return await join(http, url, f"{prefix}{i:04d}", binary,
-                                  say if i < args.publishers else None, args.window)
+                                  say if i < args.publishers else None, args.window,
+                                  0 if binary else args.compress)
 
         started = time.monotonic()
         join_cpu = cpu_seconds(pid), cpu_seconds(server_pid)
@@ -288,6 +292,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--workers", type=int, default=1, help="gateway worker processes")
     parser.add_argument("--no-websockify", action="store_true")
+    parser.add_argument("--compress", type=int, default=0, choices=(0, 9, 15),
+                        help="offer the gateway permessage-deflate with this window "
+                        "(bits), as browsers do (15); 0: none")
     parser.add_argument("--baseline", metavar="CHECKOUT",
                         help="also measure the gateway of another checkout (e.g. a git "
                         "worktree of an older commit) against the same server")
@@ -363,7 +370,8 @@ def main() -> int:
                     proc.kill()
                     proc.wait()
     print(f"sessions={args.sessions} publishers={args.publishers} window={args.window} "
-          f"text_bytes={args.text_bytes} seconds={args.seconds} workers={args.workers}")
+          f"text_bytes={args.text_bytes} seconds={args.seconds} workers={args.workers} "
+          f"compress={args.compress}")
     for name, result in results.items():
         print(name + ": " + " ".join(f"{k}={v}" for k, v in result.items()))
     for other in ("baseline", "websockify"):
