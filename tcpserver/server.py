@@ -356,7 +356,7 @@ class ChatServer:
         frame = protocol.encode_frame(
             {"type": "shutdown", "message": "the room's history was lost; reconnect to "
              "continue in a new transcript"}, self.limits.max_frame)
-        self.out.stream.append(frame)
+        self.out.broadcast(frame)  # counted as delivered, like the orderly notice
         self._close_all(frame, self.now + CLOSE_GRACE)
 
     def _settle_log(self) -> None:
