@@ -278,8 +278,9 @@ class Session:
         ``replies`` of them (0 or all) are the gateway's own error replies.
         """
         limit = self._batch_limit
-        if grown - 1 > limit:
-            # More than one message holds (only with deflate's small limit).
+        if grown - 1 > limit and len(payloads) > 1:
+            # More than one message holds (only with deflate's small limit);
+            # a single bigger payload goes alone.
             for run, size in _runs(payloads, limit):
                 self._queue(run, size, len(run) if replies else 0)
             return

@@ -629,6 +629,29 @@ async def test_a_farewell_is_found_however_the_reads_split_it():
         assert relayed == [frame[4:] for frame in frames]
 
 
+async def test_payloads_over_the_message_cap_go_alone_in_order():
+    """With permessage-deflate's 16 KiB cap, a read of many payloads is split
+    over several messages, and a single payload bigger than the cap (a
+    welcome listing many members) still goes, alone, in its place."""
+    from gateway.metrics import Metrics
+    from gateway.session import BATCH_BYTES, Session
+
+    big = {"type": "members", "members": [f"m{n:05d}@127.0.0.1" for n in range(1500)],
+           "more": False}
+    messages = [{"type": "message", "seq": n, "from": "a@b", "text": "x" * 90, "ts": 1}
+                for n in range(300)]
+    messages[150:150] = [big]
+    frames = [protocol.encode_frame(m) for m in messages]
+    assert len(frames[150]) > BATCH_BYTES
+    session = Session(None, None, GatewayConfig(), Metrics())  # no ws: the deflate cap
+    session._from_server(b"".join(frames))
+    assert session._closer is None
+    sent = [b"\n".join(batch.chunks) for batch in session._backlog]
+    assert [s.split(b"\n") for s in sent if len(s) > BATCH_BYTES] == [[frames[150][4:]]]
+    assert b"\n".join(sent).split(b"\n") == [frame[4:] for frame in frames]
+    assert sum(batch.frames for batch in session._backlog) == len(frames)
+
+
 async def test_chat_text_cannot_pass_for_a_farewell(monkeypatch):
     """Chat text that spells out a farewell, quotes and all, is escaped by
     JSON: the relay neither takes it for one nor parses it looking for
