@@ -122,8 +122,8 @@ class Session:
         # The last batch is the open one; the sender takes from the left.
         self._backlog: deque[_Batch] = deque()
         self._waiting = 0  # frames in the backlog
-        self._tail = b""  # the end of the last read, for a tag split across reads
-        self._carry = False  # a partial frame held by the decoder may hold a tag
+        self._tail = b""  # the end of the last read, for a farewell key split across reads
+        self._carry = False  # a partial frame held by the decoder may hold the key
         self._decoder = protocol.FrameDecoder(config.max_frame)
         self._batch_limit = BATCH_BYTES if ws is None or ws.compress else RAW_BATCH_BYTES
         self._to_server_metric = metrics.relayed.labels("to_server")

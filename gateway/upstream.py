@@ -56,7 +56,7 @@ class Upstream(asyncio.BufferedProtocol):
         self._drained: asyncio.Future[None] | None = None
         self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-    # --- asyncio.BufferedProtocol ---------------------------------------------------
+    # --- asyncio.BufferedProtocol ---------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport, though uvloop's is not an asyncio.Transport subclass.
