@@ -87,7 +87,8 @@ class Bridge:
             raise web.HTTPTooManyRequests(
                 text=f"at most {config.max_sessions_per_ip} sessions per address")
 
-        ws = web.WebSocketResponse(heartbeat=config.heartbeat, max_msg_size=config.max_frame)
+        ws = web.WebSocketResponse(heartbeat=config.heartbeat, max_msg_size=config.max_frame,
+                                   compress=config.ws_deflate)
         self.per_address[key] += 1
         try:
             await ws.prepare(request)

@@ -546,6 +546,17 @@ async def test_a_relay_bug_closes_the_session_1011(gateway_client, server, membe
 
 # --- batching --------------------------------------------------------------
 
+async def test_permessage_deflate_is_declined_unless_asked_for(gateway_client, server):
+    """Browsers offer permessage-deflate (RFC 7692); its zlib streams would
+    cost ~150 KiB a session, so the gateway declines unless --ws-deflate."""
+    for enabled, negotiated in ((False, 0), (True, 15)):
+        client = await gateway_client(server.port, ws_deflate=enabled)
+        async with client.ws_connect("/ws", compress=15) as ws:
+            assert ws.compress == negotiated
+            assert (await join(ws, f"page{negotiated}"))["type"] == "welcome"
+        await client.close()
+
+
 @pytest.mark.parametrize("compress", [0, 15], ids=["raw", "deflate"])
 async def test_a_burst_is_batched_in_order_and_matches_a_raw_members_transcript(
         gateway_client, start_server, compress):
@@ -561,7 +572,7 @@ async def test_a_burst_is_batched_in_order_and_matches_a_raw_members_transcript(
         listener.join("listener")
         for i, sender in enumerate(senders):
             sender.join(f"s{i}")
-        client = await gateway_client(server.port)
+        client = await gateway_client(server.port, ws_deflate=bool(compress))
         async with client.ws_connect("/ws", compress=compress) as ws:
             assert ws.compress == compress
             page = (await join(ws, "page"))["label"]

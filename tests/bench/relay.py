@@ -17,7 +17,8 @@ new ``say`` when one of its own comes back), so the offered load follows
 what is delivered and nobody falls behind; every message goes to every
 session.  The gateway is spoken to in JSON text (several payloads per
 message, one per line; with ``--compress 15`` the sessions offer
-permessage-deflate, as Chromium and Firefox do, and the gateway accepts);
+permessage-deflate, as Chromium and Firefox do, and the gateway is run
+with ``--ws-deflate`` to accept it);
 websockify carries raw frames in binary messages.
 
 Prints, per target, one line of key=value pairs: deliveries per second in
@@ -348,8 +349,10 @@ def main() -> int:
             chat_port = int(wait_for(log, r"listening on \S+:(\d+)", server).group(1))
 
             profile = ["-m", "cProfile", "-o", args.profile] if args.profile else []
-            workers = [f"--workers={args.workers}"] if args.workers > 1 else []
-            gateway_run("gateway", ROOT, profile, workers)
+            options = [f"--workers={args.workers}"] if args.workers > 1 else []
+            if args.compress:
+                options.append("--ws-deflate")  # off by default since 29 Nov
+            gateway_run("gateway", ROOT, profile, options)
             if args.baseline or args.baseline_option:
                 gateway_run("baseline", Path(args.baseline or ROOT).resolve(), [],
                             args.baseline_option)
