@@ -27,6 +27,7 @@ import ipaddress
 import logging
 import socket
 
+from tcpserver import protocol
 from tcpserver.client_state import Client
 from tcpserver.settings import IPNetwork, Limits
 
@@ -148,3 +149,31 @@ class Admission:
             log.warning("refused %d connections; the last: %s: %s", count, ip, message)
         self._refused_since_log = 0
         self._next_log = now + REFUSAL_LOG_INTERVAL
+
+
+def forwarded_address(client: Client, forwarded: str | None,
+                      trusted: tuple[IPNetwork, ...]) -> str:
+    """The address a ``hello`` stands for: ``forwarded`` (its
+    ``forwarded_for``) when the peer is a trusted proxy, else the client's
+    own.  An IPv4-mapped IPv6 address (RFC 4291 §2.5.5.2) is given as IPv4.
+
+    Raises protocol.MessageError (``bad_message``) if a trusted proxy
+    forwards something that is not an IP address, or one with a zone.
+    """
+    if forwarded is None:
+        return client.ip
+    # Trust is decided by who is connected, never by an address claimed
+    # in an earlier hello on this connection.
+    peer = ipaddress.ip_address(client.peer_ip)
+    if not any(peer in net for net in trusted):
+        log.info("%s: ignored forwarded_for from an untrusted peer", client.peer_ip)
+        return client.ip
+    try:
+        address = ipaddress.ip_address(forwarded)
+    except ValueError:
+        address = None
+    # A zone ("fe80::1%eth0") would carry free text into the label.
+    if address is None or getattr(address, "scope_id", None) is not None:
+        raise protocol.MessageError("bad_message", "forwarded_for is not an IP address")
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:a.b.c.d is a.b.c.d
+    return str(mapped or address)

@@ -41,6 +41,7 @@ from tcpserver import protocol, resp
 from tcpserver.presence import Claim, Presence
 from tcpserver.redislog import RedisLog, Script
 from tcpserver.redisscripts import CLAIM, REAP, RELEASE, ROSTER, SYNC, WHO
+from tcpserver.roster import chunk_labels
 from tcpserver.rules import WHO_PAGE, WHO_PAGE_MAX, now_ms
 
 log = logging.getLogger(__name__)
@@ -289,7 +290,7 @@ class RedisPresence(Presence):
             labels = [_label(v) for v in result[2::2] if v]
             if full:
                 return room.send_members(client, labels)
-            page = room._member_chunks(labels[:limit])[0]
+            page = chunk_labels(labels[:limit], room.limits.max_frame)[0]
             more = len(labels) > len(page)
             answer = {"type": "members", "members": page, "more": more, "count": result[0]}
             if more and page:

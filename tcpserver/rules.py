@@ -12,23 +12,21 @@ server turns it into an ``error`` frame to that client alone.
 
 from __future__ import annotations
 
-import bisect
-import ipaddress
 import logging
 import secrets
 import time
 from typing import Protocol
 
 from tcpserver import protocol
+from tcpserver.admission import forwarded_address
 from tcpserver.client_state import Client
 from tcpserver.presence import Claim, MemoryPresence, Presence
 from tcpserver.roomlog import RoomLog, StorageError
+from tcpserver.roster import Roster, chunk_labels, encode_arrays
 from tcpserver.settings import IPNetwork, Limits
 
 log = logging.getLogger("tcpserver.server")
 
-# Room for the fields around a member list when packing it into frames.
-_MEMBERS_FRAME_SLACK = 512
 # A page of ``who`` when the client names no limit (large rooms only).
 WHO_PAGE = 100
 WHO_PAGE_MAX = 500
@@ -82,10 +80,9 @@ class Room:
         self.log = roomlog
         self.out = outbox
         self.trusted = trusted
-        self.members: dict[str, Client] = {}  # on this process, by casefolded name
+        self.members = Roster(limits.max_frame)  # on this process
         self.presence = presence if presence is not None else MemoryPresence()
         self.presence.bind(self)
-        self._names: list[str] = []  # casefolded names, sorted, for paging
         self._staged_by: list[Client | None] = []  # who staged each event
         self._presence_sent = (0, 0.0)  # (count, when)
         self._large_announced = False
@@ -93,7 +90,6 @@ class Room:
         # next tick's presence makes clients fetch the list again.
         self._unannounced = False
         self._storage_failing = False
-        self._arrays: list[bytes] | None = None  # this turn's encoded member list
         # Members the log saw join but never leave: the server died under them.
         for label in roomlog.stranded():
             self._stage({"type": "leave", "member": label, "reason": "hung_up",
@@ -120,9 +116,7 @@ class Room:
         """Take a member out of the room (a no-op for non-members)."""
         if client.name is None or self.members.get(client.name.casefold()) is not client:
             return
-        key = client.name.casefold()
-        del self.members[key]
-        del self._names[bisect.bisect_left(self._names, key)]
+        self.members.remove(client.name.casefold())
         self.presence.release(client)
         log.info("%s left (%s)", client.label, reason)
         if self.presence.count() < self.limits.announce_limit:  # not large: announce it
@@ -138,8 +132,7 @@ class Room:
         resume token (which announced the leave): close this stale copy."""
         key = client.name.casefold()
         if self.members.get(key) is client:
-            del self.members[key]
-            del self._names[bisect.bisect_left(self._names, key)]
+            self.members.remove(key)
             log.info("%s left (replaced on another server)", client.label)
         self.out.drop(client)
 
@@ -149,7 +142,6 @@ class Room:
             log.info("%s left (shutdown)", client.label)
         self.members.clear()
         self.log.forget_members()
-        self._names.clear()
 
     def commit(self) -> list[bytes]:
         """Commit this turn's events; return their frames for the stream.
@@ -157,7 +149,7 @@ class Room:
         If storage fails the events are not published: each sender of a
         message is told ``room_unavailable``, and the failure is logged."""
         staged_by, self._staged_by = self._staged_by, []
-        self._arrays = None  # the stream moves on: the list may not be shared past it
+        self.members.new_turn()  # the stream moves on: no list is shared past it
         try:
             frames = self.log.commit()
         except StorageError as exc:
@@ -195,7 +187,7 @@ class Room:
                 self._presence_sent = (members, now)
                 self._large_announced = large
                 self._unannounced = False
-                self._arrays = None
+                self.members.new_turn()
                 self.out.broadcast(self._encode({"type": "presence", "count": members,
                                                  "large": large}))
 
@@ -217,7 +209,7 @@ class Room:
             raise protocol.MessageError(
                 "room_unavailable", f"the room cannot take new members right now ({degraded}); "
                 "try again later")
-        address = self._client_address(client, message.get("forwarded_for"))
+        address = forwarded_address(client, message.get("forwarded_for"), self.trusted)
         if not self.out.address_admitted(client, address):
             self._error(client, "too_many_connections", f"too many connections from {address}")
             self.out.close(client)
@@ -257,8 +249,7 @@ class Room:
         client.name = name
         client.label = label
         client.resume = token
-        self.members[key] = client
-        bisect.insort(self._names, key)
+        self.members.add(key, client)
         self._welcome(client, claim.labels)
         log.info("%s joined", client.label)
         if not self.large:
@@ -272,7 +263,7 @@ class Room:
         # staged this turn, its own join included, follow them, and nothing
         # is missed or seen twice.
         large = self.large
-        arrays = [b"[]"] if large else self._member_arrays(labels)
+        arrays = [b"[]"] if large else self._list_arrays(labels)
         count, history = self.log.tail(self.limits.history)
         self._send_list(client, {
             "type": "welcome", "name": client.name, "label": client.label,
@@ -282,25 +273,6 @@ class Room:
         if history:
             self.out.send(client, history, reply=True)
         self.out.follow(client)
-
-    def _client_address(self, client: Client, forwarded: str | None) -> str:
-        if forwarded is None:
-            return client.ip
-        # Trust is decided by who is connected, never by an address claimed
-        # in an earlier hello on this connection.
-        peer = ipaddress.ip_address(client.peer_ip)
-        if not any(peer in net for net in self.trusted):
-            log.info("%s: ignored forwarded_for from an untrusted peer", client.peer_ip)
-            return client.ip
-        try:
-            address = ipaddress.ip_address(forwarded)
-        except ValueError:
-            address = None
-        # A zone ("fe80::1%eth0") would carry free text into the label.
-        if address is None or getattr(address, "scope_id", None) is not None:
-            raise protocol.MessageError("bad_message", "forwarded_for is not an IP address")
-        mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:a.b.c.d is a.b.c.d
-        return str(mapped or address)
 
     def _on_say(self, client: Client, message: dict) -> None:
         self._require_member(client)
@@ -334,27 +306,17 @@ class Room:
         limit = WHO_PAGE if limit is None else limit
         if not 1 <= limit <= WHO_PAGE_MAX:
             raise protocol.MessageError("bad_message", f"who: limit is 1 to {WHO_PAGE_MAX}")
-        prefix = (message.get("prefix") or "").casefold()
-        names = self._names
-        start = bisect.bisect_left(names, prefix)
         cursor = message.get("cursor")
-        if cursor is not None:
-            start = max(start, bisect.bisect_right(names, cursor.casefold()))
-        page: list[Client] = []
-        for i in range(start, min(start + limit, len(names))):
-            if not names[i].startswith(prefix):
-                break
-            page.append(self.members[names[i]])
-        end = start + len(page)
-        more = end < len(names) and names[end].startswith(prefix)
+        page, more = self.members.page((message.get("prefix") or "").casefold(),
+                                       None if cursor is None else cursor.casefold(), limit)
         # A page fits one frame: trim it if not.
-        chunk = self._member_chunks([member.label for member in page])[0]
+        chunk = chunk_labels([member.label for member in page], self.limits.max_frame)[0]
         if len(chunk) < len(page):
             more = True
         reply = {"type": "members", "members": chunk, "more": more,
                  "count": self.presence.count()}
         if more and chunk:
-            reply["cursor"] = names[start + len(chunk) - 1]
+            reply["cursor"] = page[len(chunk) - 1].name.casefold()
         self.out.send(client, self._encode(reply), reply=True)
 
     def _on_history(self, client: Client, message: dict) -> None:
@@ -449,45 +411,19 @@ class Room:
         if client.name is None:
             raise protocol.MessageError("not_joined", "say hello first")
 
-    def _member_chunks(self, labels: list[str]) -> list[list[str]]:
-        """Member labels split so that each list fits in one frame."""
-        budget = self.limits.max_frame - _MEMBERS_FRAME_SLACK
-        chunks: list[list[str]] = [[]]
-        size = 0
-        for label in labels:
-            cost = len(label.encode()) + 3  # quotes and comma
-            if size + cost > budget and chunks[-1]:
-                chunks.append([])
-                size = 0
-            chunks[-1].append(label)
-            size += cost
-        return chunks
-
     def send_members(self, client: Client, labels: list[str] | None) -> None:
         """A whole member list as ``members`` replies: ``labels``, or this
         process's members for None."""
-        arrays = self._member_arrays(labels)
+        arrays = self._list_arrays(labels)
         self._send_list(client, {"type": "members", "more": len(arrays) > 1,
                                  "count": self.presence.count()}, arrays)
 
-    def _member_arrays(self, labels: list[str] | None) -> list[bytes]:
-        """``labels`` (None: this process's members) as encoded JSON arrays
-        that each fit in a frame.
-
-        This process's list is encoded once a loop turn and shared by every
-        welcome and ``who`` reply of the turn: a burst of N joins holds one
-        copy, not N.  A copy from earlier in the turn is still right for a
-        later joiner, because everything that changed the list since is
-        staged this turn and reaches it through the stream after the list.
-        """
-        if labels is None and self._arrays is not None:
-            return self._arrays
-        chunks = self._member_chunks(labels if labels is not None else
-                                     [member.label for member in self.members.values()])
-        arrays = [protocol.encode_payload(chunk) for chunk in chunks]
+    def _list_arrays(self, labels: list[str] | None) -> list[bytes]:
+        """``labels`` as JSON arrays for frames; None: this process's members,
+        encoded once a turn and shared (``Roster.arrays``)."""
         if labels is None:
-            self._arrays = arrays
-        return arrays
+            return self.members.arrays()
+        return encode_arrays(labels, self.limits.max_frame)
 
     def _send_list(self, client: Client, head: dict, arrays: list[bytes]) -> None:
         """``head`` with the first array as its ``members``, then a
