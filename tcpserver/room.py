@@ -37,6 +37,12 @@ class RoomStream:
         base = self._base
         return memoryview(self._buf)[start - base : stop - base]
 
+    def window(self) -> tuple[memoryview, int]:
+        """A zero-copy view of every byte held, and the absolute offset of
+        its first.  Slices of it must be gone, and it released, before the
+        next append or trim."""
+        return memoryview(self._buf), self._base
+
     def trim(self, keep_from: int) -> None:
         """Forget bytes before ``keep_from`` once that frees enough to be
         worth a move (half the buffer), so trimming stays amortised O(1)."""
