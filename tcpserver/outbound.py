@@ -315,6 +315,12 @@ class Outbound:
         if blob:
             client.queue.appendleft((hold, blob, True))
             client.reply_bytes += len(blob)
+        elif client.replay is None:
+            # Retention dropped the rest meanwhile: nothing more will come
+            # to send, so the room's events after the reply go now (held,
+            # they would wait for some later event to flush them).
+            client.hold_at = None
+            self._input_ready(client)
 
     def _flushed(self, client: Client) -> None:
         if client.writing:

@@ -112,25 +112,35 @@ class Transcript:
     def event(self, msg: dict) -> list[Line]:
         """Take a room event (``message``, ``join``, ``leave``)."""
         seq = msg["seq"]
-        if self._older_due and seq < self._older_before:
-            self._older.append(msg)
-            self._older_due -= 1
-            return self._older_page() if not self._older_due else []
+        lines: list[Line] = []
+        if self._older_due:
+            if seq < self._older_before:
+                self._older.append(msg)
+                self._older_due -= 1
+                return self._older_page() if not self._older_due else []
+            # A live event: the server sends none within a reply, so this
+            # one came short (retention dropped some while it was sent).
+            self._older_due = 0
+            lines = self._older_page()
         if self._gap is not None:
             self._gap[seq] = msg
             if self._fill is not None:
                 # Fetching the hole: its page's frames are below the request's
-                # bound; anything else is live, held until the end.
+                # bound; anything else is live, held until the end (and ends
+                # a page that came short, as above).
                 if self._fill_due and seq <= self._fill[1]:
                     self._fill_due -= 1
                     if not self._fill_due:
                         return self._fill_page()
+                elif self._fill_due:
+                    self._fill_due = 0
+                    return lines + self._fill_page()
             elif self._gap_due is not None:
                 self._gap_due -= 1
                 if self._gap_due <= 0:
                     return self._replayed()
-            return []
-        return self._show(msg)
+            return lines
+        return lines + self._show(msg)
 
     def take_requests(self) -> list[dict]:
         """The requests to send now (pages of a gap being filled)."""
@@ -231,8 +241,14 @@ class Transcript:
 
     def _fill_page(self) -> list[Line]:
         lo, hi = self._fill
-        # The page is the newest of the hole: what is now held narrows it.
-        top = min([hi] + [s - 1 for s in self._gap if s >= lo])
+        # The page is the newest of the hole: the run now held below hi
+        # narrows it.  Anything held under a break in that run (a page cut
+        # short) is asked again with the rest.
+        top = hi
+        while top >= lo and top in self._gap:
+            top -= 1
+        for seq in [s for s in self._gap if lo <= s < top]:
+            del self._gap[seq]
         self._fill_budget -= hi - top
         fetched = top < hi
         self._fill[1] = top
@@ -257,11 +273,13 @@ class Transcript:
         return lines
 
     def _older_page(self) -> list[Line]:
-        page = sorted(self._older, key=lambda m: m["seq"])
+        page = _newest_run(self._older, self._older_before - 1)
         self._older = []
         self.pages += 1
         if self.holes and self._older_before == self.holes[-1][1] + 1:
             return self._hole_page(page)
+        if not page:
+            return [Line("* nothing earlier is kept")]
         if self.oldest_seq is None or page[0]["seq"] < self.oldest_seq:
             self.oldest_seq = page[0]["seq"]
         lines = [Line(f"* {len(page)} earlier events:")]
@@ -285,3 +303,15 @@ class Transcript:
         else:
             lines.append(Line(f"* the {hi - lo + 1} before them are no longer kept"))
         return lines
+
+
+def _newest_run(events: list[dict], top: int) -> list[dict]:
+    """The events ``top``, ``top - 1``, ... down to the first one missing,
+    oldest first: a reply that came short (its oldest events dropped by
+    retention while it was sent) must not leave an unmarked hole."""
+    by_seq = {m["seq"]: m for m in events}
+    run: list[dict] = []
+    while top in by_seq:
+        run.append(by_seq[top])
+        top -= 1
+    return run[::-1]

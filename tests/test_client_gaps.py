@@ -39,20 +39,22 @@ def link(request):
 class CuttingProxy(Proxy):
     """A relay that acts the moment the client sends a frame holding
     ``cut_on``: it cuts every link and holds (that frame is not passed on),
-    or with ``gate`` it holds that frame back until ``gate`` is set."""
+    or with ``gate`` it holds that frame back until ``gate`` is set.  While
+    ``stalled`` it reads nothing from the server (its output backs up)."""
 
     def __init__(self, target: int, cut_on: bytes,
                  gate: threading.Event | None = None) -> None:
         self.cut_on = cut_on
         self.gate = gate
         self.tripped = threading.Event()
+        self.stalled = False  # True: nothing is read from the server meanwhile
         super().__init__(target)
 
     def _pump(self, a: socket.socket, b: socket.socket) -> None:
         peers = {a: b, b: a}
         try:
             while True:
-                ready, _, _ = select.select([a, b], [], [], 0.2)
+                ready, _, _ = select.select([a] if self.stalled else [a, b], [], [], 0.2)
                 for sock in ready:
                     data = sock.recv(65536)
                     if not data:
@@ -279,6 +281,51 @@ def test_a_gap_page_the_room_cannot_read_leaves_a_hole_not_a_frozen_client(
     bob.type("done")
     alice.read_until(lambda m: m.get("text") == "done")
     assert bob.finish() == 0
+    assert "Traceback" not in bob.text("err")
+
+
+def test_a_gap_page_cut_short_by_retention_does_not_freeze_the_client(
+        start_server, piped, open_client, request, tmp_path):
+    # The server streams a history reply as the client drains it, and skips
+    # events that retention drops meanwhile: the reply then holds fewer
+    # events than its header's count.  Here the page of the gap is asked
+    # while the client's link is backed up, and the room talks on until the
+    # page's events are past --retain-events.  The client must end the
+    # page at the first live event (the server sends none within a reply)
+    # and say what is lost, not wait for the missing events for ever.
+    server = start_server(*SERVER, f"--db={tmp_path / 'room.db'}", "--retain-events=950",
+                          "--slow-reader-bytes=67108864")
+    gate = threading.Event()
+    relay = CuttingProxy(server.port, b'"before"', gate)
+    request.addfinalizer(gate.set)
+    request.addfinalizer(relay.close)
+    bob = piped(relay.port, "bob")
+    bob.expect(rf"^{TIME} \* bob@127.0.0.1 joined$")
+    alice = Member(open_client(server.port), "alice")
+    bob.expect(rf"^{TIME} \* alice@127.0.0.1 joined$")
+    away(relay, bob, alice, [f"away {n:03d}" for n in range(300)])
+    assert relay.tripped.wait(20), "the client did not ask for the gap"
+    # Back up bob's link (about 10 MB), then let the page be asked: the
+    # server answers with a header at once, its events to follow.
+    relay.stalled = True
+    for n in range(600):
+        alice.say(f"big {n:03d} " + "\U0001F600" * 3900)
+    alice.read_until(lambda m: m.get("text", "").startswith("big 599 "))
+    gate.set()
+    for n in range(400):  # the page's events pass retention
+        alice.say(f"on {n:03d}")
+    relay.stalled = False
+    bob.expect(rf"^{TIME} alice@127.0.0.1: on 399$", timeout=60)
+    assert re.search(r"^! \d+ events from while you were away are no longer kept by the "
+                     r"server$", bob.text("err"), re.M), bob.text("err")
+    bob.type("back")
+    seen = alice.transcript("back")
+    assert bob.finish() == 0
+    # Bob's room lines: alice's, each once and in order, less the lost page.
+    lines = room_lines(bob.text())
+    assert lines == sorted(set(lines), key=lines.index)
+    assert [line for line in lines if line in seen.values()] == [
+        seen[seq] for seq in sorted(seen) if seen[seq] in lines]
     assert "Traceback" not in bob.text("err")
 
 

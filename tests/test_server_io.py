@@ -148,3 +148,36 @@ def test_a_client_that_never_reads_its_welcome_pins_bounded_memory(start_server,
         watcher.recv_until(lambda m: m.get("text") == "room is fine")
     finally:
         hog.close()
+
+
+def test_a_reply_whose_events_retention_dropped_meanwhile_does_not_freeze_the_stream(
+        start_server, open_client):
+    # A history reply is streamed once the client has read what came
+    # before it, and retention may drop its events meanwhile.  Then the
+    # reply is empty by the time it is sent: the room's events after it
+    # must still follow, without waiting for some later event to come.
+    server = start_server("--max-per-ip=200", "--retain-events=660", "--history=1",
+                          "--slow-reader-bytes=67108864", "--msg-rate=5000",
+                          "--msg-burst=5000")
+    talker = open_client(server.port, "talker")
+    for n in range(50):
+        talker.send({"type": "say", "text": f"old {n}"})
+    last = talker.recv_until(lambda m: m.get("text") == "old 49")[0]["seq"]
+    reader = open_client(server.port, "reader")
+    # The reader stops reading while about 10 MB reach it (more than the
+    # sockets' buffers take), then asks for the first ten old messages.
+    for n in range(600):
+        talker.send({"type": "say", "text": f"big {n} " + "\U0001F600" * 3900})
+    talker.recv_until(lambda m: m.get("text", "").startswith("big 599 "), timeout=30)
+    reader.send({"type": "history", "before": last - 39, "limit": 10})
+    talker.send({"type": "ping", "token": "after the request"})
+    talker.recv_until(lambda m: m.get("token") == "after the request")
+    # Twenty more events: the page asked for is past --retain-events now.
+    for n in range(20):
+        talker.send({"type": "say", "text": f"new {n}"})
+    talker.recv_until(lambda m: m.get("text") == "new 19")
+    header, before = reader.recv_until(lambda m: m["type"] == "history", timeout=60)
+    assert header["before"] == last - 39
+    assert [m["text"] for m in before if m["type"] == "message"][-1].startswith("big 599 ")
+    _, rest = reader.recv_until(lambda m: m.get("text") == "new 19", timeout=10)
+    assert [m["text"] for m in rest if m["type"] == "message"] == [f"new {n}" for n in range(19)]
