@@ -584,10 +584,11 @@ def test_transcript_pages_back_with_history_before():
     for seq in (9, 10, 11):
         t.event(event(seq, f"m{seq}"))
     assert t.older(500) == {"type": "history", "before": 9, "limit": transcript.MAX_OLDER}
+    # Live before the reply's header: shown (no room event comes inside a reply).
+    live = t.event(event(12, "m12"))
+    assert texts(live) == ["m12"]
     assert t.history({"type": "history", "before": 9, "count": 2, "more": True}) == []
     assert t.event(event(7, "m7")) == []
-    live = t.event(event(12, "m12"))  # not part of the page: shown live
-    assert texts(live) == ["m12"]
     page = t.event(event(8, "m8"))
     assert [line.text for line in page][0] == "* 2 earlier events:"
     assert texts(page) == ["m7", "m8"] and page[-1].text == "* /history shows more"
