@@ -83,12 +83,15 @@
     dropOlder();
     var events = null;
     if (why === "done") {
-      var seen = {};
-      events = older.events.filter(function (ev) {
-        var fresh = !seen[ev.seq];
-        seen[ev.seq] = true;
-        return fresh;
-      }).sort(function (a, b) { return a.seq - b.seq; });
+      // The unbroken run of seqs just below `before`, oldest first: a reply
+      // cut short (retention dropped some while it was sent, PROTOCOL.md)
+      // must not leave an unmarked hole under what it inserts.
+      var bySeq = {};
+      older.events.forEach(function (ev) { bySeq[ev.seq] = ev; });
+      events = [];
+      for (var seq = older.before - 1; bySeq[seq]; seq--) {
+        events.unshift(bySeq[seq]);
+      }
     }
     older.done(events, older.more, why);
     pumpGaps();

@@ -277,6 +277,11 @@
       }
       return;
     }
+    if (older && older.remaining > 0) {
+      // A live event: no room event comes inside a reply, so this one came
+      // short (PROTOCOL.md); it is over.
+      C.endFetch("done");
+    }
     var catchup = state.catchup;
     if (catchup && catchup.remaining > 0) {
       catchup.remaining -= 1;

@@ -6,7 +6,7 @@ before`, in place, until the page's transcript is a raw member's."""
 from __future__ import annotations
 
 import pytest
-from browser_helpers import expect_, join, message_entry, room_entries
+from browser_helpers import GatewayProcess, expect_, join, message_entry, room_entries
 from conftest import ARTIFACTS
 
 pytest_plugins = ["browser_fixtures"]
@@ -229,3 +229,56 @@ def test_a_new_transcript_leaves_old_markers_inert(start_server, start_gateway, 
     befores = [m for sent in pages.sent for m in sent
                if m["type"] == "history" and "before" in m and m["limit"] != 50]
     assert befores == []
+
+
+def test_a_gap_page_cut_short_by_retention_ends_at_the_first_live_event(
+        start_server, pages, open_client, tmp_path, request):
+    # The server streams a page as the client drains it and skips what
+    # retention drops meanwhile (PROTOCOL.md): the reply then holds fewer
+    # events than its header's count.  The page ends it at the first live
+    # event and says what is gone, instead of showing "Loading" until its
+    # request times out and dropping what came.
+    from test_client_gaps import CuttingProxy
+
+    expect = expect_()
+    server = start_server("--max-per-ip=200", f"--db={tmp_path / 'room.db'}",
+                          f"--history={REPLAY}", f"--history-replay={REPLAY}",
+                          "--retain-events=950", "--slow-reader-bytes=67108864",
+                          "--msg-rate=2000", "--msg-burst=2000")
+    # The page's link to the chat server goes through a relay that can stop
+    # reading from the server, so the server's output to it backs up.
+    relay = CuttingProxy(server.port, b"never")
+    request.addfinalizer(relay.close)
+    gateway = GatewayProcess(tmp_path, relay.port, 0, "--queue-size=100000")
+    request.addfinalizer(gateway.kill)
+    dave = Member(open_client(server.port), "dave")
+    alice = pages.open(gateway.url)
+    join(alice, "alice")
+    dave.read_until(lambda m: m["type"] == "join" and m["member"].startswith("alice@"))
+    relay.held = True
+    relay.cut()
+    expect(alice.locator("#status")).to_have_attribute("data-state", "reconnecting")
+    dave.read_until(lambda m: m["type"] == "leave" and m["member"].startswith("alice@"))
+    dave.say(*[f"away {n:03d}" for n in range(300)])
+    relay.held = False
+    expect(alice.locator("#status")).to_have_attribute("data-state", "connected", timeout=BACK)
+    marker = alice.locator("#transcript li.gap-marker")
+    expect(marker).to_have_count(1)
+    expect(alice.locator("#transcript")).to_have_attribute("aria-busy", "false")
+
+    relay.stalled = True
+    for n in range(600):  # about 10 MB: more than the sockets between take
+        dave.raw.send({"type": "say", "text": f"big {n:03d} " + "\U0001F600" * 3900})
+    dave.read_until(lambda m: m.get("text", "").startswith("big 599 "), timeout=30)
+    marker.locator("button").click()  # the page is asked for; its events wait
+    dave.raw.send({"type": "ping", "token": "asked"})
+    dave.read_until(lambda m: m.get("token") == "asked")
+    dave.say(*[f"on {n:03d}" for n in range(400)])  # the page's events pass retention
+    relay.stalled = False
+    expect(message_entry(alice, "dave", "on 399")).to_have_count(1, timeout=60_000)
+    expect(marker).to_have_attribute("data-state", "gone")
+    expect(marker.locator(".gap-text")).to_contain_text("no longer kept by the server")
+    entries = _page_entries(alice)
+    seqs = [e["seq"] for e in entries]
+    assert seqs == sorted(set(seqs))
+    assert entries == [e for e in dave.entries() if e["seq"] in set(seqs)]
