@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from room_harness import RoomHarness
 
@@ -330,3 +332,64 @@ def test_a_who_cursor_ignores_case(harness):
     h.room.handle(asker, {"type": "who", "limit": 2, "cursor": "BEA"})
     (page,) = h.messages_for(asker)
     assert [label.split("@")[0] for label in page["members"]] == ["cy", "dee"]
+
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_every_member_list_plus_the_stream_after_it_is_the_room(harness, seed):
+    # Random turns of joins, leaves and whole-list ``who``, a list over
+    # several frames, and (odd seeds) the announce limit crossed both ways
+    # within turns: each list sent (welcome or ``who``) plus the joins and
+    # leaves streamed after it must add up to the room at the end, unless a
+    # ``presence`` follows it (the client then fetches the list again).
+    rng = random.Random(seed)
+    h = harness(announce_limit=4 if seed % 2 else 1000, max_frame=1024, history=1)
+    members: list = []
+    lists = []  # (client, stream position after its turn's commit, labels)
+    for turn in range(30):
+        asked = []
+        for _ in range(rng.randint(1, 6)):
+            roll, start = rng.random(), len(h.sent)
+            if roll < 0.45 or not members:
+                client = h.connect()
+                name = f"n{turn:02}{len(asked)}" + "x" * rng.randint(0, 20)
+                h.room.handle(client, {"type": "hello", "name": name})
+                members.append(client)
+            elif roll < 0.8:
+                h.room.leave(members.pop(rng.randrange(len(members))), "quit")
+                continue
+            else:
+                client = rng.choice(members)
+                h.room.handle(client, {"type": "who"})
+            asked.append((client, start, len(h.sent)))
+        position = len(h.stream)
+        for client, start, end in asked:
+            sent = [m for m in messages(h.sent[start:end], client)
+                    if m["type"] in ("welcome", "members")]
+            paged = any(m.get("large") or m.get("cursor") is not None for m in sent)
+            if sent and not paged:
+                lists.append((client, position, {x for m in sent for x in m["members"]}))
+        h.commit()
+        h.room.tick(100.0 + turn)
+    room = {client.label for client in members}
+    stream = h.stream_messages()
+    assert len(stream) == len(h.stream)  # one message a frame: positions line up
+    for client, position, view in lists:
+        after = stream[position:]
+        if client not in members or any(m["type"] == "presence" for m in after):
+            continue
+        for m in after:
+            if m["type"] == "join":
+                view.add(m["member"])
+            elif m["type"] == "leave":
+                view.discard(m["member"])
+        assert view == room, (client.label, room - view, view - room)
+
+
+def messages(sent, client) -> list[dict]:
+    decoder = protocol.FrameDecoder(1 << 30)
+    decoder.receive_data(b"".join(frame for c, frame, _ in sent if c is client))
+    out = []
+    while (payload := decoder.next_payload()) is not None:
+        out.append(protocol.parse_server_message(payload))
+    return out
