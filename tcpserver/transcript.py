@@ -224,9 +224,13 @@ class Transcript:
     def _replayed(self) -> list[Line]:
         """The ``history after`` reply is in: fetch the hole it left, if any."""
         # The reply skipped seqs last+1 .. last+missed; the welcome's own
-        # replay may have brought the newest of them.
+        # replay may have brought the newest of them.  What came is the
+        # newest part of the gap, so the hole runs up to the oldest of it,
+        # also past last+missed when the reply came short (retention
+        # dropped its oldest events while it was sent).
         lo = self.last_seq + 1
-        hi = min([self.last_seq + self._missed] + [s - 1 for s in self._gap or {} if s >= lo])
+        held = [s for s in self._gap or {} if s >= lo]
+        hi = min(held) - 1 if held else self.last_seq + self._missed
         if hi < lo:
             return self._close_gap([])
         self._fill, self._fill_budget = [lo, hi], GAP_FILL

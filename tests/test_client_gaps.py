@@ -328,6 +328,45 @@ def test_a_gap_page_cut_short_by_retention_does_not_freeze_the_client(
     assert "Traceback" not in bob.text("err")
 
 
+def test_an_after_reply_cut_short_by_retention_is_counted_not_skipped(
+        start_server, piped, open_client, request, tmp_path):
+    # The reply to history after can come short the same way: here its
+    # oldest 200 events pass --retain-events while bob's link is backed up.
+    # Those must count as part of the gap (fetched, or said to be lost),
+    # not vanish between the gap and what came.
+    server = start_server("--max-per-ip=200", f"--db={tmp_path / 'room.db'}", "--history=1",
+                          "--history-replay=2000", "--retain-events=2100",
+                          "--slow-reader-bytes=67108864", "--msg-rate=5000",
+                          "--msg-burst=5000")
+    gate = threading.Event()
+    relay = CuttingProxy(server.port, b'"after"', gate)
+    request.addfinalizer(gate.set)
+    request.addfinalizer(relay.close)
+    bob = piped(relay.port, "bob")  # seq 1
+    bob.expect(rf"^{TIME} \* bob@127.0.0.1 joined$")
+    alice = Member(open_client(server.port), "alice")  # 2
+    bob.expect(rf"^{TIME} \* alice@127.0.0.1 joined$")
+    relay.tripped.set()  # the first cut is away()'s own
+    away(relay, bob, alice, [f"away {n:04d}" for n in range(3000)])  # 3: leave, 4-3003
+    relay.tripped.clear()
+    assert relay.tripped.wait(20), "the client did not ask for the gap"  # after 3004, its join
+    relay.stalled = True
+    for n in range(600):  # 3005-3604, about 10 MB: more than the sockets between take
+        alice.say(f"big {n:03d} " + "\U0001F600" * 3900)
+    alice.read_until(lambda m: m.get("text", "").startswith("big 599 "))
+    gate.set()  # the reply after 2: missed 3-1604, replays 1605-3604
+    alice.raw.send({"type": "ping", "token": "asked"})
+    alice.read_until(lambda m: m.get("token") == "asked")
+    for n in range(300):  # 3605-3904: 1605-1804 pass retention before they are sent
+        alice.say(f"on {n:03d}")
+    relay.stalled = False
+    bob.expect(rf"^{TIME} alice@127.0.0.1: on 299$", timeout=60)
+    assert re.findall(r"^! (\d+) events from while you were away are no longer kept by the "
+                      r"server$", bob.text("err"), re.M) == ["1802"], bob.text("err")
+    assert bob.finish() == 0
+    assert "Traceback" not in bob.text("err")
+
+
 def ping_until(member: Member, degraded: bool, timeout: float = 20.0) -> None:
     """Ping until the pong says the room is (or is no longer) degraded."""
     deadline = time.monotonic() + timeout
