@@ -238,7 +238,7 @@ def test_a_gap_page_cut_short_by_retention_ends_at_the_first_live_event(
     # events than its header's count.  The page ends it at the first live
     # event and says what is gone, instead of showing "Loading" until its
     # request times out and dropping what came.
-    from test_client_gaps import CuttingProxy
+    from test_client_gap_faults import CuttingProxy
 
     expect = expect_()
     server = start_server("--max-per-ip=200", f"--db={tmp_path / 'room.db'}",
