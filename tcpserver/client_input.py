@@ -168,9 +168,12 @@ def _line_validator(session: Session, buffer):
             if not session.ready.is_set() and _sends(document.text):
                 if self.waiting is None or self.waiting.done():
                     self.waiting = asyncio.ensure_future(self._forget_when_back())
+                # Back but still fetching what was missed: not "not connected".
+                why = ("catching up on what you missed" if session.transcript.filling
+                       and session.conn is not None and not session.conn.ended.is_set()
+                       else "not connected: reconnecting")
                 raise ValidationError(document.cursor_position,
-                                      "not connected: reconnecting; the line is kept, "
-                                      "press Enter again when back")
+                                      f"{why}; the line is kept, press Enter again when back")
 
         async def _forget_when_back(self) -> None:
             # prompt_toolkit asks a validator again only once the text

@@ -13,6 +13,8 @@ import threading
 import time
 
 import pytest
+from conftest import RawClient
+from test_client import Terminal
 from test_client_gaps import SERVER, Member, away, room_lines
 from test_client_resume import TIME, Proxy
 
@@ -229,3 +231,39 @@ def ping_until(member: Member, degraded: bool, timeout: float = 20.0) -> None:
             return
         assert time.monotonic() < deadline, f"degraded never became {degraded}"
         time.sleep(0.1)
+
+
+def test_enter_while_the_gap_is_filled_says_so_and_sends_once_done(start_server, request):
+    # Back in the room but still fetching the gap: Enter keeps the line and
+    # says why (it said "not connected: reconnecting" under "reconnected").
+    server = start_server(*SERVER)
+    gate = threading.Event()
+    relay = CuttingProxy(server.port, b'"before"', gate)
+    request.addfinalizer(gate.set)
+    request.addfinalizer(relay.close)
+    term = Terminal(relay.port, "bob")
+    request.addfinalizer(term.close)
+    term.wait(lambda: term.cursor_row() == "[bob@127.0.0.1]>", "the prompt")
+    alice = Member(RawClient(server.port), "alice")
+    request.addfinalizer(alice.raw.close)
+    relay.tripped.set()  # the first cut is ours
+    relay.held = True
+    relay.cut()
+    term.wait(lambda: "! the connection was lost; reconnecting (Ctrl-C to stop)"
+              in term.rows(), "the reconnecting line")
+    for n in range(30):
+        alice.say(f"away {n:02d}")
+    alice.read_until(lambda m: m.get("text") == "away 29")
+    relay.tripped.clear()
+    relay.held = False
+    assert relay.tripped.wait(20), "the client did not ask for the gap"
+    term.wait(lambda: any(r.startswith("* reconnected as bob@127.0.0.1") for r in term.rows()),
+              "the return")
+    term.child.send("kept line\r")
+    term.wait(lambda: any("catching up on what you missed; the line is kept" in r
+                          for r in term.rows()), "the refusal")
+    gate.set()
+    term.wait(lambda: any(r.endswith("alice@127.0.0.1: away 29") for r in term.rows()),
+              "the gap filled")
+    term.child.send("\r")
+    alice.read_until(lambda m: m.get("text") == "kept line")
