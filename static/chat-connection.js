@@ -375,6 +375,11 @@
       }
       return;
     }
+    if (code === "room_unavailable" && state.older && state.older.remaining === -1) {
+      // The answer to our history request (Redis away): no reply will come,
+      // so the marker offers the button again at once.
+      C.endFetch("unavailable");
+    }
     C.setComposeError(text);
   }
 

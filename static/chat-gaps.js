@@ -36,7 +36,8 @@
   // below `before`; live ones are above everything shown), and the reply is
   // handed to done(events, more, why) once whole, oldest first, each seq
   // once.  events is null when no whole reply came: why is then "timeout",
-  // or "lost" (the socket went).
+  // "lost" (the socket went) or "unavailable" (the room cannot read its
+  // history right now, e.g. Redis is away).
 
   function dropOlder() {
     if (state.older) {
@@ -102,7 +103,8 @@
   // data-after: the last seq shown above the gap; data-before: the first
   // seq shown below it; the gap is the seqs strictly between.  data-state:
   // idle (a button), queued (clicked, waiting for the request slot),
-  // loading, gone (the server no longer keeps the rest), stale (the room
+  // loading, unavailable (the room could not read them just now: a button
+  // again), gone (the server no longer keeps the rest), stale (the room
   // started a new transcript: these numbers mean nothing now).
 
   function gapSize(item) {
@@ -130,17 +132,18 @@
     var what = n === 1 ? "1 earlier message" : n + " earlier messages";
     item.dataset.state = kind;
     var button = item.querySelector(".gap-button");
-    button.hidden = kind !== "idle";
+    button.hidden = kind !== "idle" && kind !== "unavailable";
     button.setAttribute("aria-label", "Load the " + what + " not shown");
     item.querySelector(".gap-text").textContent =
       kind === "idle" ? what + " not shown \u2014"
+        : kind === "unavailable" ? what + " not shown: the room cannot read them right now \u2014"
         : kind === "gone" ? what + (n === 1 ? " is" : " are") + " no longer kept by the server"
           : kind === "stale" ? what + " not shown (from the earlier transcript)"
             : "Loading " + what + "\u2026";
   }
 
   function wantGap(item) {
-    if (item.dataset.state !== "idle") {
+    if (item.dataset.state !== "idle" && item.dataset.state !== "unavailable") {
       return;
     }
     item.gapBudget = GAP_PER_CLICK;
@@ -175,7 +178,7 @@
     if (events === null) {
       // A lost socket resumes after the reconnect; a reply that never
       // came is left to another click.
-      setGap(item, why === "lost" ? "queued" : "idle");
+      setGap(item, why === "lost" ? "queued" : why === "unavailable" ? "unavailable" : "idle");
       return;
     }
     var after = Number(item.dataset.after);
