@@ -1,4 +1,4 @@
-"""Issue 8's benchmark: one room on one embedded node, on one Redis-backed
+"""The multi-node benchmark: one room on one embedded node, on one Redis-backed
 node, and on two Redis-backed nodes, in one run.
 
     python tests/bench/cluster.py [--members 1000] [--publishers 100]
@@ -233,7 +233,7 @@ def summary_rows(results: dict[str, list[tuple[dict, dict]]]) -> list[list[objec
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--members", type=int, default=1000)
     parser.add_argument("--publishers", type=int, default=100)
     parser.add_argument("--text-bytes", type=int, default=100)

@@ -1,5 +1,5 @@
 """Connection flood: members' echo latency while one address opens
-connections as fast as it can, each closed shortly after (issue 6 item 11).
+connections as fast as it can, each closed shortly after.
 
     python tests/bench/connflood.py [--connections 12000] [--members 5]
                                     [--trusted-loopback]
@@ -198,7 +198,7 @@ def run(args: argparse.Namespace) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--connections", type=int, default=12000)
     parser.add_argument("--members", type=int, default=5)
     parser.add_argument("--trusted-loopback", action="store_true",

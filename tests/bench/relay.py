@@ -284,7 +284,7 @@ async def load(url: str, binary: bool, args, prefix: str, pid: int, server_pid: 
 # --- main --------------------------------------------------------------------
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sessions", type=int, default=100)
     parser.add_argument("--publishers", type=int, default=10)
     parser.add_argument("--window", type=int, default=32,

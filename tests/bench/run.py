@@ -179,7 +179,7 @@ def suite_storm(binary: Path, tmp: Path, args: argparse.Namespace) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--suite", default="throughput",
                         help=f"comma-separated: {', '.join(SUITES)}, or all")
     parser.add_argument("--members", type=lambda s: [int(x) for x in s.split(",")],
