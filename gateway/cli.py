@@ -36,9 +36,12 @@ def build_parser() -> cli.Parser:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, run what it names, return the exit code
-    (2 for a usage error such as ``--port=99999``)."""
+    (2 for a usage error such as ``--port=99999``, or an option the chosen
+    mode does not use, such as ``--name=bob --redis=URL``)."""
     parser = build_parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    cli.check_mode(parser, args, argv, gateway_options=frozenset({"http_port"}))
     cli.check_options(parser, args)
     if args.name is not None:
         return cli.run(args)

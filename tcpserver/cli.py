@@ -27,6 +27,26 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
+    def given(self, argv: list[str]) -> dict[str, str]:
+        """The options ``argv`` gives explicitly, as {dest: option string},
+        in the order given; an option given with its default value counts.
+
+        Parses ``argv`` again with every default set to argparse.SUPPRESS,
+        so only what the command line set reaches the namespace.  Call it
+        after ``parse_args(argv)`` succeeded (a bad ``argv`` exits 2 here).
+        """
+        saved = [(action, action.default) for action in self._actions]
+        try:
+            for action, _ in saved:
+                action.default = argparse.SUPPRESS
+            names = vars(self.parse_args(argv))
+        finally:
+            for action, default in saved:
+                action.default = default
+        options = {a.dest: max(a.option_strings, key=len) for a in self._actions
+                   if a.option_strings}
+        return {dest: options[dest] for dest in names}
+
 
 def port(text: str) -> int:
     """argparse type for a TCP port: an int in 0..65535 (0: pick a free one).
@@ -55,7 +75,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     settings.add_arguments(parser.add_argument_group("server options"))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> Parser:
     parser = Parser(
         prog="python -m tcpserver",
         description="A chat room: --name=server runs the server, --name=NAME "
@@ -64,6 +84,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_common_arguments(parser)
     return parser
+
+
+# What a terminal client uses; every other option is the server's (or, for
+# ``chatroom``, the web gateway's), and giving one to a client is a usage
+# error rather than a silent no-op.  (--log-level too: the client's only
+# log lines are its one-line errors.)
+CLIENT_OPTIONS = frozenset({"name", "port", "host"})
+
+
+def check_mode(parser: Parser, args: argparse.Namespace, argv: list[str],
+               gateway_options: frozenset[str] = frozenset()) -> None:
+    """Refuse options that do not apply to the mode ``--name`` chose, as one
+    usage line naming them (exit 2).
+
+    A client (``--name=NAME``) takes only CLIENT_OPTIONS; the server alone
+    (``--name=server``) takes everything but ``gateway_options`` (dests of
+    options for the web gateway, which only bare ``chatroom`` runs).  No
+    ``--name``: everything applies.
+    """
+    if args.name is None:
+        return
+    given = parser.given(argv)
+    if args.name == "server":
+        wrong = [option for dest, option in given.items() if dest in gateway_options]
+        why = ("the web gateway runs only with no --name; --name=server runs the "
+               "chat server alone")
+        mode = "the server (--name=server)"
+    else:
+        wrong = [option for dest, option in given.items() if dest not in CLIENT_OPTIONS]
+        why = "a terminal client takes only --name, --port and --host"
+        mode = f"a terminal client (--name={args.name})"
+    if wrong:
+        verb = "does" if len(wrong) == 1 else "do"
+        parser.error(f"{', '.join(wrong)} {verb} not apply to {mode}: {why}")
 
 
 def check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -92,9 +146,11 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """``python -m tcpserver``: parse, run, return the exit code (2 for usage errors)."""
     parser = build_parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
     if args.name is None:
         parser.error("--name is required (server, or your name); run `chatroom` "
                      "with no --name for the server and the web gateway together")
+    check_mode(parser, args, argv)
     check_options(parser, args)
     return run(args)

@@ -86,6 +86,64 @@ def test_bad_server_option_values_are_one_usage_line(module, bad, tmp_path):
         assert not list(tmp_path.iterdir())  # nothing was started or created
 
 
+# (command, options, the options the error must name): each option is one
+# the chosen mode never reads, so taking it without a word misleads.
+MISPLACED = [
+    (CHATROOM, ["--name=bob", "--port=1", "--max-clients", "5", "--redis", "redis://x",
+                "--http-port", "9"], ["--max-clients", "--redis", "--http-port"]),
+    (CHATROOM, ["--name=server", "--http-port", "9000"], ["--http-port"]),
+    # Given with its default value still counts as given.
+    (CHATROOM, ["--name=server", "--http-port=8080"], ["--http-port"]),
+    (CHATROOM, ["--name=bob", "--max-clients=10000"], ["--max-clients"]),
+    (CHATROOM, ["--name=bob", "--log-level=debug"], ["--log-level"]),
+    (CHATROOM, ["--name=bob", "--trusted-proxy=::1"],
+     ["--trusted-proxy"]),
+    (TCPSERVER, ["--name=bob", "--port=1", "--max-clients", "5", "--redis", "redis://x"],
+     ["--max-clients", "--redis"]),
+    (TCPSERVER, ["--name=bob", "--db=:memory:", "--room=main"], ["--db", "--room"]),
+    # A bad value of an option the mode does not use: the misplacement is the error.
+    (TCPSERVER, ["--name=bob", "--redis=http://x"], ["--redis"]),
+]
+
+
+@pytest.mark.parametrize("module, options, named", MISPLACED,
+                         ids=[f"{m[1]} {' '.join(o)}" for m, o, _ in MISPLACED])
+def test_options_the_mode_does_not_use_are_a_usage_error(module, options, named, tmp_path):
+    result = subprocess.run([sys.executable, *module, *options], capture_output=True,
+                            text=True, timeout=30, cwd=ROOT, stdin=subprocess.DEVNULL,
+                            env={**os.environ, "XDG_STATE_HOME": str(tmp_path)})
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and ": error: " + ", ".join(named) + " do" in lines[0], result.stderr
+    assert "not apply to" in lines[0]
+    assert result.stdout == "" and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("module, options", [
+    (CHATROOM, ["--name=bob", "--port=1", "--host=localhost"]),
+    (CHATROOM, ["--name=server", "--port=0", "--redis=redis://x", "--log-level=debug"]),
+    (CHATROOM, ["--port=0", "--http-port=0", "--max-clients=5"]),
+    (TCPSERVER, ["--name=server", "--port=0", "--db=:memory:"]),
+])
+def test_options_the_mode_uses_pass_the_mode_check(module, options):
+    from gateway.cli import build_parser as chatroom_parser
+
+    parser = chatroom_parser() if module is CHATROOM else cli.build_parser()
+    args = parser.parse_args(options)
+    cli.check_mode(parser, args, options, gateway_options=frozenset({"http_port"}))
+    # The check leaves the parser's defaults as they were.
+    assert parser.parse_args([]).port == cli.DEFAULT_PORT
+
+
+def test_given_options_are_those_on_the_command_line():
+    parser = cli.build_parser()
+    assert parser.given(["--name=bob", "--port=10000", "--trusted-proxy=::1",
+                         "--trusted-proxy=10.0.0.0/8"]) == {
+        "name": "--name", "port": "--port", "trusted_proxy": "--trusted-proxy"}
+    assert parser.given([]) == {}
+    assert parser.parse_args([]).max_clients == settings.Limits().max_clients
+
+
 def test_tcpserver_without_name_says_what_to_run():
     result = subprocess.run([sys.executable, *TCPSERVER, "--port=0"], capture_output=True,
                             text=True, timeout=30, cwd=ROOT, stdin=subprocess.DEVNULL)
