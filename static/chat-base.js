@@ -77,6 +77,7 @@
     replayUntil: 0,      // the welcome's last_seq: its replay ends there
     oldestSeq: null,     // lowest seq shown from the current transcript (epoch)
     olderDone: false,    // the beginning of the room is shown
+    olderWanted: false,  // scrolling back was asked while the request slot was busy
     older: null,         // {before, remaining, more, events, done, timer} while a
                          // history-before reply is due (chat-gaps.js)
     large: false,        // over the server's announce limit: paged member panel

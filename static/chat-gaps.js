@@ -40,6 +40,7 @@
   // history right now, e.g. Redis is away).
 
   function dropOlder() {
+    state.olderWanted = false;
     if (state.older) {
       window.clearTimeout(state.older.timer);
       state.older = null;
@@ -81,6 +82,7 @@
     if (!older) {
       return;
     }
+    var wanted = state.olderWanted;
     dropOlder();
     var events = null;
     if (why === "done") {
@@ -95,6 +97,12 @@
       }
     }
     older.done(events, older.more, why);
+    if (wanted && !state.older) {
+      // Scrolling back was asked meanwhile: it goes first (or, not joined
+      // now, the marker offers its button again).
+      C.setMarker("idle");
+      C.loadOlder();
+    }
     pumpGaps();
   }
 

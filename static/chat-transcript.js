@@ -132,6 +132,12 @@
   }
 
   function loadOlder() {
+    if (state.older && state.older.done !== finishOlder && !state.olderDone && state.joined) {
+      // A gap's page is under way: this page follows it (chat-gaps.js).
+      state.olderWanted = true;
+      setMarker("loading");
+      return;
+    }
     if (state.older || state.olderDone || !state.joined || state.replaying || state.catchup) {
       return;
     }

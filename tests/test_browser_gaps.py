@@ -5,6 +5,8 @@ before`, in place, until the page's transcript is a raw member's."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from browser_helpers import GatewayProcess, expect_, join, message_entry, room_entries
 from conftest import ARTIFACTS
@@ -282,3 +284,46 @@ def test_a_gap_page_cut_short_by_retention_ends_at_the_first_live_event(
     seqs = [e["seq"] for e in entries]
     assert seqs == sorted(set(seqs))
     assert entries == [e for e in dave.entries() if e["seq"] in set(seqs)]
+
+
+def test_scrolling_back_while_a_gap_loads_follows_the_gap_page(
+        start_server, pages, open_client, tmp_path, request):
+    # "Show earlier messages" asked while a gap's page is due: it used to be
+    # dropped (one request at a time), leaving a button that did nothing.
+    from test_client_gap_faults import CuttingProxy
+
+    expect = expect_()
+    server = start_server("--max-per-ip=200", f"--db={tmp_path / 'room.db'}",
+                          f"--history={REPLAY}", f"--history-replay={REPLAY}",
+                          "--msg-rate=1000", "--msg-burst=1000")
+    gate = threading.Event()
+    relay = CuttingProxy(server.port, b'"limit":200', gate)  # holds the gap's first page
+    request.addfinalizer(gate.set)
+    request.addfinalizer(relay.close)
+    gateway = GatewayProcess(tmp_path, relay.port)
+    request.addfinalizer(gateway.kill)
+    dave = Member(open_client(server.port), "dave")  # seq 1
+    dave.say(*[f"old {n}" for n in range(10)])  # 2-11: the page shows 7-11 and the rest is older
+    alice = pages.open(gateway.url)
+    join(alice, "alice")
+    dave.read_until(lambda m: m["type"] == "join" and m["member"].startswith("alice@"))
+    relay.held = True
+    relay.cut()
+    expect(alice.locator("#status")).to_have_attribute("data-state", "reconnecting")
+    dave.read_until(lambda m: m["type"] == "leave" and m["member"].startswith("alice@"))
+    dave.say(*[f"away {n:03d}" for n in range(250)])
+    relay.held = False
+    expect(alice.locator("#status")).to_have_attribute("data-state", "connected", timeout=BACK)
+    marker = alice.locator("#transcript li.gap-marker")
+    expect(marker).to_have_count(1)
+    expect(alice.locator("#transcript")).to_have_attribute("aria-busy", "false")
+    marker.locator("button").click()
+    assert relay.tripped.wait(10), "the gap's page was not asked for"
+    alice.locator("#older .older-button").click()  # while the gap's page is due
+    expect(alice.locator("#older")).to_have_attribute("data-state", "loading")
+    gate.set()
+    expect(message_entry(alice, "dave", "old 0")).to_have_count(1)
+    expect(alice.locator("#older")).to_have_attribute("data-state", "start")
+    expect(marker).to_have_count(0)
+    seqs = [e["seq"] for e in _page_entries(alice)]
+    assert seqs == list(range(1, seqs[-1] + 1))
