@@ -158,8 +158,9 @@ class Transcript:
                 self.pages += 1
                 if self.holes and msg["before"] == self.holes[-1][1] + 1:
                     lo, hi = self.holes.pop()
-                    return [Line(f"* the {hi - lo + 1} events from while you were away "
-                                 "are no longer kept")]
+                    n = hi - lo + 1
+                    return [Line(f"* the {_events(n)} from while you were away "
+                                 f"{_are(n)} no longer kept")]
                 return [Line("* nothing earlier is kept")]
             self._older, self._older_before = [], msg["before"]
             self._older_due, self._older_more = msg["count"], bool(msg.get("more"))
@@ -195,8 +196,9 @@ class Transcript:
             return []
         lo, hi = self._fill
         self.holes.append((lo, hi))
-        return self._close_gap([Line(f"! {hi - lo + 1} earlier events from while you were away "
-                                     "are not shown (/history shows them)", err=True)])
+        return self._close_gap([Line(f"! {_events(hi - lo + 1, 'earlier ')} from while you were "
+                                     f"away {_are(hi - lo + 1)} not shown (/history shows them)",
+                                     err=True)])
 
     def older(self, count: int) -> dict | None:
         """The request for the ``count`` newest events of the newest hole,
@@ -260,12 +262,14 @@ class Transcript:
             return self._close_gap([])
         count = top - lo + 1
         if not fetched or not self._fill_more:
-            return self._close_gap([Line(f"! {count} events from while you were away are "
-                                         "no longer kept by the server", err=True)])
+            return self._close_gap([Line(f"! {_events(count)} from while you were away "
+                                         f"{_are(count)} no longer kept by the server",
+                                         err=True)])
         if self._fill_budget <= 0:
             self.holes.append((lo, top))
-            return self._close_gap([Line(f"! {count} earlier events from while you were away "
-                                         "are not shown (/history shows them)", err=True)])
+            return self._close_gap([Line(f"! {_events(count, 'earlier ')} from while you were "
+                                         f"away {_are(count)} not shown (/history shows them)",
+                                         err=True)])
         self._ask_fill()
         return []
 
@@ -286,7 +290,7 @@ class Transcript:
             return [Line("* nothing earlier is kept")]
         if self.oldest_seq is None or page[0]["seq"] < self.oldest_seq:
             self.oldest_seq = page[0]["seq"]
-        lines = [Line(f"* {len(page)} earlier events:")]
+        lines = [Line(f"* {_events(len(page), 'earlier ')}:")]
         lines += [Line(display.room_event(m, True), dim=True) for m in page]
         lines.append(Line("* /history shows more" if self._older_more
                           else "* that is the start of the kept history"))
@@ -295,7 +299,7 @@ class Transcript:
     def _hole_page(self, page: list[dict]) -> list[Line]:
         lo, hi = self.holes.pop()
         page = [m for m in page if lo <= m["seq"] <= hi]
-        lines = [Line(f"* {len(page)} events from while you were away:")]
+        lines = [Line(f"* {_events(len(page))} from while you were away:")]
         lines += [Line(display.room_event(m, True), dim=True) for m in page]
         hi = page[0]["seq"] - 1 if page else hi
         if hi < lo:
@@ -305,7 +309,8 @@ class Transcript:
             lines.append(Line(f"* /history shows more ({hi - lo + 1} from while you were "
                               "away not shown yet)"))
         else:
-            lines.append(Line(f"* the {hi - lo + 1} before them are no longer kept"))
+            lines.append(Line(f"* the {hi - lo + 1} before them {_are(hi - lo + 1)} no longer "
+                              "kept"))
         return lines
 
 
@@ -319,3 +324,12 @@ def _newest_run(events: list[dict], top: int) -> list[dict]:
         run.append(by_seq[top])
         top -= 1
     return run[::-1]
+
+
+def _events(count: int, kind: str = "") -> str:
+    """``3 earlier events``, ``1 earlier event``."""
+    return f"{count} {kind}event{'' if count == 1 else 's'}"
+
+
+def _are(count: int) -> str:
+    return "is" if count == 1 else "are"

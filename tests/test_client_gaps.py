@@ -304,3 +304,23 @@ def test_transcript_a_history_page_cut_short_keeps_its_unbroken_top():
         lines += t.event(message(seq))
     assert lines[0].text == "* 21 earlier events:"
     assert shown(lines) == [*range(80, 101), 102] and t.oldest_seq == 80
+
+
+def test_transcript_a_gap_one_past_the_fill_is_one_event_in_the_singular():
+    t = transcript.Transcript()
+    t.welcome(welcome(0), rejoin=False)
+    t.event(message(1))
+    t.welcome(welcome(1007), rejoin=True)
+    t.history({"type": "history", "after": 1, "count": 5, "missed": 1001})
+    lines = []
+    for seq in range(1003, 1008):
+        lines += t.event(message(seq))
+    while t.filling:
+        (request,) = t.take_requests()
+        before, limit = request["before"], request["limit"]
+        t.history({"type": "history", "before": before, "count": limit, "more": True})
+        for seq in range(before - limit, before):
+            lines += t.event(message(seq))
+    assert [line.text for line in lines if line.err] == [
+        "! 1 earlier event from while you were away is not shown (/history shows them)"]
+    assert t.holes == [(2, 2)]
