@@ -47,15 +47,15 @@ async def serve(config: GatewayConfig, worker: int | None = None) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, serve, return the exit code."""
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
-    who = "" if args.worker is None else f"[worker {args.worker}] "
-    logging.basicConfig(level=args.log_level.upper(),
-                        format=f"%(asctime)s {who}%(name)s %(levelname)s %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         config = config_from_args(args)
     except ValueError as exc:
-        log.error("%s", exc)
-        return 2
+        parser.error(str(exc))  # one usage line, exit 2, like a bad --http-port
+    who = "" if args.worker is None else f"[worker {args.worker}] "
+    logging.basicConfig(level=args.log_level.upper(),
+                        format=f"%(asctime)s {who}%(name)s %(levelname)s %(message)s")
     if config.workers > 1 and args.worker is None:
         return workers.run(config, argv)
     try:

@@ -22,7 +22,7 @@ DEFAULT_HTTP_PORT = 8080
 
 def build_parser() -> cli.Parser:
     parser = cli.Parser(
-        prog="chatroom",
+        prog=cli.prog_name("gateway.cli", "chatroom"),
         description="A chat room: --name=server runs the server, --name=NAME "
         "joins as NAME from this terminal, no --name runs server and web "
         "gateway together.",

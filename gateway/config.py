@@ -113,7 +113,7 @@ def normalize_server_name(name: str) -> str:
     return ascii_name
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> cli.Parser:
     parser = cli.Parser(
         prog="python -m gateway",
         description="Web gateway: serves the chat page and relays WebSockets "
@@ -165,10 +165,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _named(option: str, parse, text: str, **kwargs):
+    """``parse(text, **kwargs)``, its ValueError prefixed with ``option``."""
+    try:
+        return parse(text, **kwargs)
+    except ValueError as exc:
+        raise ValueError(f"{option}: {exc}") from None
+
+
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     """Build a GatewayConfig from parsed options.
 
-    Raises ValueError for a bad CIDR, origin, server name or limit.
+    Raises ValueError for a bad CIDR, origin, server name or limit; its
+    message starts with the option's name.
     """
     for option in ("max_sessions_per_ip", "max_frame", "queue_size", "workers"):
         if getattr(args, option) <= 0:
@@ -181,9 +190,10 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         chat_port=args.chat_port,
         host=args.host,
         http_port=args.http_port,
-        trusted_proxies=tuple(ipaddress.ip_network(c, strict=False)
+        trusted_proxies=tuple(_named("--trusted-proxy", ipaddress.ip_network, c, strict=False)
                               for c in args.trusted_proxy),
-        allowed_origins=frozenset(normalize_origin(o) for o in args.allowed_origin),
+        allowed_origins=frozenset(_named("--allowed-origin", normalize_origin, o)
+                                  for o in args.allowed_origin),
         server_names=frozenset(normalize_server_name(n) for n in args.server_name),
         max_sessions_per_ip=args.max_sessions_per_ip,
         max_frame=args.max_frame,

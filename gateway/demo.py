@@ -208,7 +208,7 @@ class Demo:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.Parser(
-        prog="python -m gateway.demo",
+        prog=cli.prog_name("gateway.demo", "chatroom-demo"),
         description="One chat room over two nodes on this machine: redis-server, two chat "
         "servers, two web gateways and nginx in front.  Ctrl-C stops them all.")
     parser.add_argument("--port", type=cli.port, default=DEFAULT_PORT,

@@ -11,6 +11,7 @@ This package never imports ``gateway``: the layers only look down.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import NoReturn
 
@@ -46,6 +47,16 @@ class Parser(argparse.ArgumentParser):
         options = {a.dest: max(a.option_strings, key=len) for a in self._actions
                    if a.option_strings}
         return {dest: options[dest] for dest in names}
+
+
+def prog_name(module: str, script: str) -> str:
+    """The command's name for usage and error lines, as it was invoked:
+    ``script`` (a console script, e.g. ``chatroom-demo``) when ``sys.argv[0]``
+    is that script, else ``python -m MODULE``."""
+    invoked = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if os.path.splitext(invoked)[0] == script:  # chatroom-demo.exe on Windows
+        return script
+    return f"python -m {module}"
 
 
 def port(text: str) -> int:

@@ -144,6 +144,41 @@ def test_given_options_are_those_on_the_command_line():
     assert parser.parse_args([]).max_clients == settings.Limits().max_clients
 
 
+BAD_GATEWAY_VALUES = ["--workers=0", "--workers=-2", "--queue-size=0",
+                      "--max-sessions-per-ip=-1", "--max-frame=0",
+                      "--trusted-proxy=garbage", "--allowed-origin=ftp://x",
+                      "--server-name=http://x:80"]
+
+
+@pytest.mark.parametrize("bad", BAD_GATEWAY_VALUES)
+def test_bad_gateway_option_values_are_one_usage_line(bad):
+    # The parser's own form, as for --http-port=99999: never a log line.
+    result = subprocess.run([sys.executable, *GATEWAY, "--http-port=0", bad],
+                            capture_output=True, text=True, timeout=30, cwd=ROOT,
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    option = bad.split("=")[0]
+    assert len(lines) == 1 and lines[0].startswith(f"python -m gateway: error: {option}"), \
+        result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("module, script", [("gateway.demo", "chatroom-demo"),
+                                            ("gateway.cli", "chatroom")])
+def test_usage_names_the_command_as_it_was_invoked(module, script, tmp_path):
+    # A console script (bin/chatroom-demo) is named as such; python -m as python -m.
+    as_script = (f"import sys; sys.argv = [{str(tmp_path / 'bin' / script)!r}, '--help']\n"
+                 f"from {module} import main; main()")
+    runs = {script: [sys.executable, "-c", as_script],
+            f"python -m {module}": [sys.executable, "-m", module, "--help"]}
+    for prog, argv in runs.items():
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=30, cwd=ROOT,
+                                stdin=subprocess.DEVNULL)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith(f"usage: {prog} ["), result.stdout
+
+
 def test_tcpserver_without_name_says_what_to_run():
     result = subprocess.run([sys.executable, *TCPSERVER, "--port=0"], capture_output=True,
                             text=True, timeout=30, cwd=ROOT, stdin=subprocess.DEVNULL)
