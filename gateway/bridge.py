@@ -26,6 +26,10 @@ Close codes the browser can see once connected:
 
 Whenever the chat server closes, every frame it sent comes before the close.
 1000 is not used for server closes.
+
+A browser that closes with 1000 or 1001 has left on purpose: its session
+sends the chat server ``quit`` (``session.LEAVING_CODES``), so the room
+sees reason ``quit``; any other end is a hang-up.
 """
 
 from __future__ import annotations

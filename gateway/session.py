@@ -55,6 +55,13 @@ log = logging.getLogger(__name__)
 # A close handshake with a browser that stopped reading cannot finish;
 # after this long the transport is dropped instead.
 CLOSE_TIMEOUT = 5.0
+# Close codes (RFC 6455 section 7.4.1) with which a browser leaves on
+# purpose: 1000 (the page closed it), 1001 (the tab closed or navigated
+# away).  The gateway then sends the chat server a ``quit``, so the room
+# reads "left"; any other end (no close frame, 1006, a missed heartbeat, the
+# page's own 4000 when it abandons a socket to reconnect) stays a hang-up.
+LEAVING_CODES = frozenset({WSCloseCode.OK, WSCloseCode.GOING_AWAY})
+_QUIT = protocol.encode_frame({"type": "quit"})
 # Largest batch, in bytes, for a browser that negotiated permessage-deflate
 # (a single bigger payload still goes alone): aiohttp's limit for
 # compressing inline, so compression costs no thread hop.  At 100-byte chat
@@ -143,6 +150,7 @@ class Session:
         self._sender = asyncio.create_task(self._send_to_browser())
         self._sender.add_done_callback(self._sender_done)
         deadline = time.monotonic() + self.config.hello_timeout
+        quit = False
         try:
             while self._closer is None:
                 timeout = None
@@ -162,19 +170,28 @@ class Session:
                 elif msg.type is WSMsgType.BINARY:
                     self._reject("bad_message", "binary messages are not accepted; send JSON text")
                 else:  # CLOSE, CLOSING, CLOSED, ERROR: the browser is gone
+                    # Only a close the browser began counts as leaving; the
+                    # answer to our own close (shutdown, 1013, ...) does not.
+                    quit = (msg.type is WSMsgType.CLOSE and msg.data in LEAVING_CODES
+                            and self._closer is None)
                     break
         finally:
             # The browser left first (or we are being cancelled): closing the
             # TCP connection is what makes the room see a leave.
-            self.close(WSCloseCode.GOING_AWAY, "", "browser_closed")
+            self.close(WSCloseCode.GOING_AWAY, "", "browser_closed", quit=quit)
             closer = self._closer
             assert closer is not None
             await asyncio.shield(closer)
 
-    def close(self, code: int, reason: str, label: str) -> None:
-        """Start closing both sides, once; later calls are ignored."""
+    def close(self, code: int, reason: str, label: str, quit: bool = False) -> None:
+        """Start closing both sides, once; later calls are ignored.
+
+        ``quit``: the browser left on purpose, so tell the chat server with
+        a ``quit`` and let it close (the room sees reason ``quit``, not
+        ``hung_up``).
+        """
         if self._closer is None:
-            self._closer = asyncio.create_task(self._close(code, reason, label))
+            self._closer = asyncio.create_task(self._close(code, reason, label, quit))
 
     async def wait_closed(self) -> None:
         """Return once a close started by ``close`` has finished."""
@@ -190,17 +207,24 @@ class Session:
         log.error("%s: relay failed", self, exc_info=exc)
         self.close(WSCloseCode.INTERNAL_ERROR, "internal error in the gateway", "error")
 
-    async def _close(self, code: int, reason: str, label: str) -> None:
+    async def _close(self, code: int, reason: str, label: str, quit: bool) -> None:
         self.metrics.closes.labels(label).inc()
         if label == "browser_closed":
-            log.debug("%s closed by the browser", self)
+            log.debug("%s closed by the browser%s", self, " (leaving)" if quit else "")
         else:
             log.info("%s closed (%s): %d %s", self, label, code, reason)
         sender = self._sender
         if sender is not None and sender is not asyncio.current_task():
             sender.cancel()
         if self.upstream is not None:
-            self.upstream.close()
+            if quit and not self.upstream.closing:
+                # The server closes after a quit.  Closing our side at once
+                # could discard it: frames waiting for the rate limit, the
+                # quit behind them, are dropped on a hang-up (PROTOCOL.md).
+                # A second quit (the page sends one on pagehide) is harmless.
+                self.upstream.write(_QUIT)
+            else:
+                self.upstream.close()
         if not self.ws.closed:
             try:
                 await asyncio.wait_for(self.ws.close(code=code, message=close_reason(reason)),
@@ -211,7 +235,9 @@ class Session:
             try:
                 await asyncio.wait_for(self.upstream.wait_closed(), CLOSE_TIMEOUT)
             except asyncio.TimeoutError:
-                self.upstream.abort()  # the server stopped reading; nothing left to say
+                # The server stopped reading, or did not act on a quit in
+                # time: nothing left to say.
+                self.upstream.abort()
         if sender is not None and sender is not asyncio.current_task():
             await asyncio.gather(sender, return_exceptions=True)
         self._backlog.clear()

@@ -210,6 +210,33 @@ def test_member_list_follows_joins_and_leaves(server, gateway, pages, connect):
     assert pages.problems == []
 
 
+# The page sends quit on pagehide, but a send made while a page goes away
+# does not always get out (a browser may close the socket first): so with
+# its quit dropped too, the close frame alone (1001) must say "left".
+@pytest.mark.parametrize("how, page_quit", [("close", True), ("close", False),
+                                            ("navigate", False)])
+def test_closing_the_tab_or_leaving_the_page_reads_as_left(server, gateway, pages, connect,
+                                                           how, page_quit):
+    alice = pages.open(gateway.url)
+    if not page_quit:
+        alice.add_init_script("""(function () {
+          var send = WebSocket.prototype.send;
+          WebSocket.prototype.send = function (data) {
+            if (JSON.parse(data).type !== "quit") { return send.call(this, data); }
+          };
+        }());""")
+        alice.reload()
+    join(alice, "alice")
+    bob = connect("bob")
+    if how == "close":
+        alice.close()
+    else:
+        alice.goto("about:blank")
+    left, _ = bob.recv_until(lambda m: m["type"] == "leave", timeout=10)
+    assert (left["member"].split("@")[0], left["reason"]) == ("alice", "quit")
+    assert not any(m["type"] == "quit" for sent in pages.sent for m in sent) or page_quit
+
+
 def test_member_list_is_collected_across_chunked_frames(start_server, start_gateway, pages,
                                                         open_client):
     expect = expect_()

@@ -425,17 +425,41 @@ async def test_gateway_shutdown_closes_1001(gateway_client, server, member):
     assert metric(app, "gateway_session_closes_total", reason="shutdown") == 1
 
 
-async def test_browser_gone_the_room_sees_a_leave(gateway_client, server, member):
+# A browser that closes its WebSocket on purpose (1000: the page closed it;
+# 1001: the tab closed or navigated away) has left: the room reads "quit".
+# Any other close code is no goodbye (the page's 4000 abandons a socket to
+# reconnect and resume).
+@pytest.mark.parametrize("code, reason", [(1000, "quit"), (1001, "quit"),
+                                          (4000, "hung_up"), (1011, "hung_up")])
+async def test_browser_gone_the_room_sees_a_leave(gateway_client, server, member, code,
+                                                  reason):
     client = await gateway_client(server.port)
     app = client.server.app
     ws = await client.ws_connect("/ws")
     welcome = await join(ws, "web")
     await in_thread(member.recv_type, "join")
-    await ws.close()
+    await ws.close(code=code)
     left = await in_thread(member.recv)
-    assert (left["type"], left["member"], left["reason"]) == ("leave", welcome["label"], "hung_up")
+    assert (left["type"], left["member"], left["reason"]) == ("leave", welcome["label"], reason)
     await eventually(lambda: app[BRIDGE].session_count == 0)
     assert metric(app, "gateway_session_closes_total", reason="browser_closed") == 1
+
+
+async def test_a_leaving_browsers_queued_messages_come_before_its_quit(gateway_client, server,
+                                                                      member):
+    # Lines over the rate limit wait in the server; a hang-up would drop
+    # them (PROTOCOL.md), a quit waits behind them.
+    client = await gateway_client(server.port)
+    ws = await client.ws_connect("/ws")
+    welcome = await join(ws, "web")
+    await in_thread(member.recv_type, "join")
+    lines = [f"line {n}" for n in range(40)]  # past the default burst of 30, at 10/s
+    for text in lines:
+        await ws.send_json({"type": "say", "text": text})
+    await ws.close(code=1001)
+    left, seen = await in_thread(member.recv_until, lambda m: m["type"] == "leave")
+    assert [m["text"] for m in seen if m["type"] == "message"] == lines
+    assert (left["member"], left["reason"]) == (welcome["label"], "quit")
 
 
 async def test_browser_vanishing_without_a_close_frame(gateway_client, server, member):
@@ -445,7 +469,20 @@ async def test_browser_vanishing_without_a_close_frame(gateway_client, server, m
     await in_thread(member.recv_type, "join")
     ws._response.connection.transport.abort()  # a crashed tab: no close frame, just gone
     left = await in_thread(member.recv)
-    assert (left["type"], left["member"]) == ("leave", welcome["label"])
+    assert (left["type"], left["member"], left["reason"]) == ("leave", welcome["label"], "hung_up")
+    await ws.close()
+
+
+async def test_a_browser_missing_its_heartbeat_hangs_up(gateway_client, server, member):
+    # A closed laptop lid: no pong, so aiohttp drops it (1006), no goodbye.
+    client = await gateway_client(server.port, heartbeat=0.2)
+    ws = await client.ws_connect("/ws", autoping=False)
+    await ws.send_json({"type": "hello", "name": "web"})
+    welcome = await recv_json(ws)
+    assert welcome["type"] == "welcome"
+    left = await in_thread(member.recv_until,
+                           lambda m: m["type"] == "leave" and m["member"] == welcome["label"])
+    assert left[0]["reason"] == "hung_up"
     await ws.close()
 
 
