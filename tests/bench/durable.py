@@ -79,7 +79,10 @@ def restart_run(binary: Path, tmp: Path, members: int, args: argparse.Namespace)
         seated = gen.line("seated")
         if int(seated["joined"]) < members:
             gen.close()
-            raise BenchError(f"restart: only {seated['joined']} of {members} seated")
+            refusals = [line for line in server.log_text().splitlines()
+                        if " WARNING " in line or " ERROR " in line][-5:]
+            raise BenchError(f"restart: only {seated['joined']} of {members} seated; "
+                             f"load generator: {gen.errors()[-600:]!r}; server: {refusals!r}")
         time.sleep(TRAFFIC_BEFORE_KILL_S)
         server.kill(getattr(signal, f"SIG{args.signal}"))
         restarted = start_server(tmp, members, *_db_args(str(db)), port=server.port,

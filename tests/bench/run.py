@@ -91,7 +91,7 @@ def seated_run(binary: Path, tmp: Path, proto: str, members: int, args: argparse
         gen.close()
         if result.get("timed_out"):
             raise BenchError(f"{proto}: only {seated['joined']} of {members} joined "
-                             f"in {args.timeout:g} s")
+                             f"in {args.timeout:g} s; load generator: {gen.errors()[-600:]!r}")
         result.update(
             kb_per_member=(seated_kib - base_kib) * 1.024 / members,
             cpu_share=cpu / float(result["seconds"]),
