@@ -75,6 +75,24 @@ def _away(gateway, chat_port: int, start_gateway, alice, dave: Member, texts: li
     return back
 
 
+def _away_through(relay, alice, dave: Member, count: int):
+    """Cut the page's link at ``relay`` (a CuttingProxy), have dave say
+    ``count`` lines meanwhile, and let the page back; returns its one gap
+    marker once the page has handled the gap."""
+    expect = expect_()
+    relay.held = True
+    relay.cut()
+    expect(alice.locator("#status")).to_have_attribute("data-state", "reconnecting")
+    dave.read_until(lambda m: m["type"] == "leave" and m["member"].startswith("alice@"))
+    dave.say(*[f"away {n:03d}" for n in range(count)])
+    relay.held = False
+    expect(alice.locator("#status")).to_have_attribute("data-state", "connected", timeout=BACK)
+    marker = alice.locator("#transcript li.gap-marker")
+    expect(marker).to_have_count(1)
+    expect(alice.locator("#transcript")).to_have_attribute("aria-busy", "false")
+    return marker
+
+
 def test_missed_events_are_loaded_in_place_at_their_markers(
         start_server, start_gateway, pages, open_client, tmp_path):
     expect = expect_()
@@ -257,16 +275,7 @@ def test_a_gap_page_cut_short_by_retention_ends_at_the_first_live_event(
     alice = pages.open(gateway.url)
     join(alice, "alice")
     dave.read_until(lambda m: m["type"] == "join" and m["member"].startswith("alice@"))
-    relay.held = True
-    relay.cut()
-    expect(alice.locator("#status")).to_have_attribute("data-state", "reconnecting")
-    dave.read_until(lambda m: m["type"] == "leave" and m["member"].startswith("alice@"))
-    dave.say(*[f"away {n:03d}" for n in range(300)])
-    relay.held = False
-    expect(alice.locator("#status")).to_have_attribute("data-state", "connected", timeout=BACK)
-    marker = alice.locator("#transcript li.gap-marker")
-    expect(marker).to_have_count(1)
-    expect(alice.locator("#transcript")).to_have_attribute("aria-busy", "false")
+    marker = _away_through(relay, alice, dave, 300)
 
     relay.stalled = True
     for n in range(600):  # about 10 MB: more than the sockets between take
@@ -307,16 +316,7 @@ def test_scrolling_back_while_a_gap_loads_follows_the_gap_page(
     alice = pages.open(gateway.url)
     join(alice, "alice")
     dave.read_until(lambda m: m["type"] == "join" and m["member"].startswith("alice@"))
-    relay.held = True
-    relay.cut()
-    expect(alice.locator("#status")).to_have_attribute("data-state", "reconnecting")
-    dave.read_until(lambda m: m["type"] == "leave" and m["member"].startswith("alice@"))
-    dave.say(*[f"away {n:03d}" for n in range(250)])
-    relay.held = False
-    expect(alice.locator("#status")).to_have_attribute("data-state", "connected", timeout=BACK)
-    marker = alice.locator("#transcript li.gap-marker")
-    expect(marker).to_have_count(1)
-    expect(alice.locator("#transcript")).to_have_attribute("aria-busy", "false")
+    marker = _away_through(relay, alice, dave, 250)
     marker.locator("button").click()
     assert relay.tripped.wait(10), "the gap's page was not asked for"
     alice.locator("#older .older-button").click()  # while the gap's page is due
