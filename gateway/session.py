@@ -37,6 +37,14 @@ from collections import deque
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from gateway.batching import (
+    BATCH_BYTES,
+    FAREWELL_KEY,
+    KEY_OVERLAP,
+    RAW_BATCH_BYTES,
+    Batch,
+    runs,
+)
 from gateway.config import GatewayConfig
 from gateway.messages import (
     LOST_REASON,
@@ -47,7 +55,7 @@ from gateway.messages import (
     farewell,
 )
 from gateway.metrics import Metrics
-from gateway.upstream import READ_BYTES, Upstream
+from gateway.upstream import Upstream
 from tcpserver import protocol
 
 log = logging.getLogger(__name__)
@@ -62,57 +70,6 @@ CLOSE_TIMEOUT = 5.0
 # page's own 4000 when it abandons a socket to reconnect) stays a hang-up.
 LEAVING_CODES = frozenset({WSCloseCode.OK, WSCloseCode.GOING_AWAY})
 _QUIT = protocol.encode_frame({"type": "quit"})
-# Largest batch, in bytes, for a browser that negotiated permessage-deflate
-# (a single bigger payload still goes alone): aiohttp's limit for
-# compressing inline, so compression costs no thread hop.  At 100-byte chat
-# lines that is ~150 payloads per message.
-BATCH_BYTES = 16 * 1024
-# Largest batch without compression: one whole read from the chat server
-# fits, so a read's payloads are appended to a batch in one step instead of
-# being split one by one between two; and joining a batch still takes
-# memory from malloc's heap, not a fresh mmap (glibc's threshold: 128 KiB).
-RAW_BATCH_BYTES = READ_BYTES
-
-
-class _Batch:
-    """Payloads bound for one WebSocket message, filled as they arrive."""
-
-    __slots__ = ("chunks", "size", "frames", "replies")
-
-    def __init__(self) -> None:
-        # Each chunk is the payloads of one read (or one error reply),
-        # already joined by "\n": joined while the read is still in the
-        # CPU's cache, and most messages are one chunk, sent as it is.
-        self.chunks: list[bytes] = []
-        self.size = -1  # joined length: each payload adds its bytes plus a separator
-        self.frames = 0  # payloads in the chunks
-        self.replies = 0  # how many of them are error replies, not relayed frames
-
-
-def _runs(payloads: list[bytes], limit: int):
-    """Split ``payloads`` into runs that each fit a ``limit``-byte message
-    (a bigger payload goes alone); yield (run, its joined size plus 1)."""
-    run: list[bytes] = []
-    size = -1
-    for payload in payloads:
-        if run and size + 1 + len(payload) > limit:
-            yield run, size + 1
-            run, size = [], -1
-        run.append(payload)
-        size += 1 + len(payload)
-    yield run, size + 1
-
-
-# Every farewell (a ``shutdown`` or an ``error``, see messages.farewell)
-# has a "message" key, and no other server message has one.  A JSON string
-# escapes its quotes, so chat text cannot hold this byte sequence, a key
-# followed by its colon: a read without it needs no per-frame look, and one
-# scan of the read replaces two (one per type name, which chat text can
-# hold, e.g. "text":"shutdown").
-_FAREWELL_KEY = b'"message":'
-_KEY_OVERLAP = len(_FAREWELL_KEY) - 1
-
-
 class Session:
     """One browser: its WebSocket, its TCP connection and the backlog between."""
 
@@ -127,7 +84,7 @@ class Session:
         # one sender task, so server frames and our own error replies stay
         # in order and only one task ever writes to the WebSocket.
         # The last batch is the open one; the sender takes from the left.
-        self._backlog: deque[_Batch] = deque()
+        self._backlog: deque[Batch] = deque()
         self._waiting = 0  # frames in the backlog
         self._tail = b""  # the end of the last read, for a farewell key split across reads
         self._carry = False  # a partial frame held by the decoder may hold the key
@@ -260,9 +217,9 @@ class Session:
             self._overflow()
             return
         # Without copying the read: look in it, and across its seam with the last.
-        seam = self._tail + data[:_KEY_OVERLAP]
-        look = self._carry or _FAREWELL_KEY in data or _FAREWELL_KEY in seam
-        self._tail = data[-_KEY_OVERLAP:] if len(data) >= _KEY_OVERLAP else seam[-_KEY_OVERLAP:]
+        seam = self._tail + data[:KEY_OVERLAP]
+        look = self._carry or FAREWELL_KEY in data or FAREWELL_KEY in seam
+        self._tail = data[-KEY_OVERLAP:] if len(data) >= KEY_OVERLAP else seam[-KEY_OVERLAP:]
         decoder = self._decoder
         payloads: list[bytes] = []
         bad: protocol.FrameError | None = None
@@ -307,13 +264,13 @@ class Session:
         if grown - 1 > limit and len(payloads) > 1:
             # More than one message holds (only with deflate's small limit);
             # a single bigger payload goes alone.
-            for run, size in _runs(payloads, limit):
+            for run, size in runs(payloads, limit):
                 self._queue(run, size, len(run) if replies else 0)
             return
         backlog = self._backlog
         batch = backlog[-1] if backlog else None
         if batch is None or batch.size + grown > limit:
-            batch = _Batch()
+            batch = Batch()
             backlog.append(batch)
         batch.chunks.append(b"\n".join(payloads))
         batch.size += grown

@@ -571,7 +571,7 @@ async def test_a_relay_bug_closes_the_session_1011(gateway_client, server, membe
     client = await gateway_client(server.port)
     async with client.ws_connect("/ws") as ws:
         # Every relayed frame goes into a batch: the bug hits the first one.
-        monkeypatch.setattr("gateway.session._Batch", broken)
+        monkeypatch.setattr("gateway.session.Batch", broken)
         await ws.send_json({"type": "hello", "name": "web"})
         msg = await recv_close(ws)
         assert (msg.type, msg.data) == (WSMsgType.CLOSE, aiohttp.WSCloseCode.INTERNAL_ERROR)
