@@ -30,12 +30,16 @@ class Claim:
     (None: use this process's members).  ``replaced``: the label of a
     member on another process whose name the claimant took back with its
     resume token (its ``leave`` is the claimant's process's to publish).
+    ``partial``: the whole room's list could not be read (Redis failed
+    after the claim), so ``labels`` is None and this process's members
+    stand in; the room then tells clients to fetch the list again.
     """
 
     error: str | None = None
     count: int = 0
     labels: list[str] | None = None
     replaced: str | None = None
+    partial: bool = False
 
 
 class Presence:

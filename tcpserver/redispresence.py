@@ -234,7 +234,7 @@ class RedisPresence(Presence):
                     continue
                 if claim.error is None:
                     claim = Claim(count=count or claim.count, labels=labels,
-                                  replaced=claim.replaced)
+                                  replaced=claim.replaced, partial=count is None)
                 done(claim)
 
         self._run("roster", ["names"], [self.room.limits.announce_limit], reply)

@@ -251,6 +251,8 @@ class Room:
         client.resume = token
         self.members.add(key, client)
         self._welcome(client, claim.labels)
+        if claim.partial:
+            self._unannounced = True  # its list lacks other processes' members
         log.info("%s joined", client.label)
         if not self.large:
             self._stage({"type": "join", "member": client.label, "ts": now_ms()}, None)

@@ -8,6 +8,7 @@ import pytest
 from room_harness import RoomHarness
 
 from tcpserver import protocol
+from tcpserver.presence import Claim, MemoryPresence
 from tcpserver.roomlog import MemoryLog, StorageError
 
 
@@ -393,3 +394,27 @@ def messages(sent, client) -> list[dict]:
     while (payload := decoder.next_payload()) is not None:
         out.append(protocol.parse_server_message(payload))
     return out
+
+
+class RosterLostLog(MemoryLog):
+    """A shared room's log whose presence claims names but cannot read the
+    whole room's list (Redis failed between the claim and the roster)."""
+
+    def make_presence(self):
+        return RosterLostPresence()
+
+
+class RosterLostPresence(MemoryPresence):
+    def claim(self, client, key, label, token, resume, done) -> None:
+        done(Claim(count=len(self.room.members) + 1, partial=True))
+
+
+def test_a_welcome_without_the_whole_rooms_list_makes_clients_fetch_it_again():
+    h = RoomHarness(roomlog=RosterLostLog(65536, 100, 1000))
+    try:
+        h.join("alice")
+        h.room.tick(10.0)
+        # Small room, so the presence says large: false: fetch the whole list.
+        assert h.stream_messages()[-1] == {"type": "presence", "count": 1, "large": False}
+    finally:
+        h.shutdown()
