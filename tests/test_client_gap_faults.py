@@ -58,6 +58,23 @@ class CuttingProxy(Proxy):
             return  # cut: a socket was closed under us
 
 
+def bob_behind(server, cut_on: bytes, request, piped, open_client, gated: bool = True):
+    """bob (a piped terminal client) behind a CuttingProxy acting on
+    ``cut_on``, and alice (a raw member), both joins seen; returns (relay,
+    gate, bob, alice).  ``gated``: the relay holds that frame until
+    ``gate`` is set; else it cuts (and ``gate`` is None)."""
+    gate = threading.Event() if gated else None
+    relay = CuttingProxy(server.port, cut_on, gate)
+    if gate is not None:
+        request.addfinalizer(gate.set)
+    request.addfinalizer(relay.close)
+    bob = piped(relay.port, "bob")
+    bob.expect(rf"^{TIME} \* bob@127.0.0.1 joined$")
+    alice = Member(open_client(server.port), "alice")
+    bob.expect(rf"^{TIME} \* alice@127.0.0.1 joined$")
+    return relay, gate, bob, alice
+
+
 @pytest.mark.parametrize("cut_on", [b'"after"', b'"before"'])
 def test_a_new_epoch_after_a_drop_in_the_middle_of_filling_a_gap_starts_afresh(
         start_server, piped, open_client, request, cut_on):
@@ -69,12 +86,8 @@ def test_a_new_epoch_after_a_drop_in_the_middle_of_filling_a_gap_starts_afresh(
     # with a before request cut it showed the old transcript's held events
     # as new ones and then skipped the new room's events as seen).
     server = start_server(*SERVER, "--db=:memory:")
-    relay = CuttingProxy(server.port, cut_on)
-    request.addfinalizer(relay.close)
-    bob = piped(relay.port, "bob")
-    bob.expect(rf"^{TIME} \* bob@127.0.0.1 joined$")
-    alice = Member(open_client(server.port), "alice")
-    bob.expect(rf"^{TIME} \* alice@127.0.0.1 joined$")
+    relay, _, bob, alice = bob_behind(server, cut_on, request, piped, open_client,
+                                      gated=False)
     relay.tripped.set()  # the first cut is away()'s own
     away(relay, bob, alice, [f"away {n:03d}" for n in range(300)])
     relay.tripped.clear()
@@ -108,14 +121,7 @@ def test_a_gap_page_the_room_cannot_read_leaves_a_hole_not_a_frozen_client(
     # rest to /history, not hold every event and all input for ever.
     redis = start_redis(persist=True)
     server = start_server(*SERVER, f"--redis={redis.url}")
-    gate = threading.Event()
-    relay = CuttingProxy(server.port, b'"before"', gate)
-    request.addfinalizer(gate.set)
-    request.addfinalizer(relay.close)
-    bob = piped(relay.port, "bob")
-    bob.expect(rf"^{TIME} \* bob@127.0.0.1 joined$")
-    alice = Member(open_client(server.port), "alice")
-    bob.expect(rf"^{TIME} \* alice@127.0.0.1 joined$")
+    relay, gate, bob, alice = bob_behind(server, b'"before"', request, piped, open_client)
     away(relay, bob, alice, [f"away {n:02d}" for n in range(30)])
     assert relay.tripped.wait(20), "the client did not ask for the gap"
     redis.kill()
@@ -148,14 +154,7 @@ def test_a_gap_page_cut_short_by_retention_does_not_freeze_the_client(
     # and say what is lost, not wait for the missing events for ever.
     server = start_server(*SERVER, f"--db={tmp_path / 'room.db'}", "--retain-events=950",
                           "--slow-reader-bytes=67108864")
-    gate = threading.Event()
-    relay = CuttingProxy(server.port, b'"before"', gate)
-    request.addfinalizer(gate.set)
-    request.addfinalizer(relay.close)
-    bob = piped(relay.port, "bob")
-    bob.expect(rf"^{TIME} \* bob@127.0.0.1 joined$")
-    alice = Member(open_client(server.port), "alice")
-    bob.expect(rf"^{TIME} \* alice@127.0.0.1 joined$")
+    relay, gate, bob, alice = bob_behind(server, b'"before"', request, piped, open_client)
     away(relay, bob, alice, [f"away {n:03d}" for n in range(300)])
     assert relay.tripped.wait(20), "the client did not ask for the gap"
     # Back up bob's link (about 10 MB), then let the page be asked: the
@@ -191,14 +190,8 @@ def test_an_after_reply_cut_short_by_retention_is_counted_not_skipped(
                           "--history-replay=2000", "--retain-events=2100",
                           "--slow-reader-bytes=67108864", "--msg-rate=5000",
                           "--msg-burst=5000")
-    gate = threading.Event()
-    relay = CuttingProxy(server.port, b'"after"', gate)
-    request.addfinalizer(gate.set)
-    request.addfinalizer(relay.close)
-    bob = piped(relay.port, "bob")  # seq 1
-    bob.expect(rf"^{TIME} \* bob@127.0.0.1 joined$")
-    alice = Member(open_client(server.port), "alice")  # 2
-    bob.expect(rf"^{TIME} \* alice@127.0.0.1 joined$")
+    # bob's join is seq 1, alice's 2.
+    relay, gate, bob, alice = bob_behind(server, b'"after"', request, piped, open_client)
     relay.tripped.set()  # the first cut is away()'s own
     away(relay, bob, alice, [f"away {n:04d}" for n in range(3000)])  # 3: leave, 4-3003
     relay.tripped.clear()

@@ -180,6 +180,20 @@ def shown(lines) -> list[int]:
     return [int(line.text.rsplit(": m", 1)[1]) for line in lines if ": m" in line.text]
 
 
+def rejoined(last_seq: int, missed: int) -> transcript.Transcript:
+    """A transcript that showed seq 1, rejoined at ``last_seq`` and took
+    the ``history after 1`` reply: ``missed`` skipped, then the 5 replayed
+    events ending at ``last_seq``."""
+    t = transcript.Transcript()
+    t.welcome(welcome(0), rejoin=False)
+    t.event(message(1))
+    t.welcome(welcome(last_seq), rejoin=True)
+    t.history({"type": "history", "after": 1, "count": 5, "missed": missed})
+    for seq in range(last_seq - 4, last_seq + 1):
+        t.event(message(seq))
+    return t
+
+
 def test_transcript_fetches_the_missed_in_pages_and_leaves_a_hole_past_the_bound():
     t = transcript.Transcript()
     t.welcome(welcome(0), rejoin=False)
@@ -218,13 +232,7 @@ def test_transcript_fetches_the_missed_in_pages_and_leaves_a_hole_past_the_bound
 
 
 def test_transcript_counts_what_the_server_no_longer_keeps():
-    t = transcript.Transcript()
-    t.welcome(welcome(0), rejoin=False)
-    t.event(message(1))
-    t.welcome(welcome(20), rejoin=True)
-    t.history({"type": "history", "after": 1, "count": 5, "missed": 15})
-    for seq in range(17, 22):
-        t.event(message(seq))
+    t = rejoined(21, 15)
     assert t.take_requests() == [{"type": "history", "before": 17, "limit": 15}]
     # Retention kept 10-16 only.
     t.history({"type": "history", "before": 17, "count": 7, "more": False})
@@ -272,13 +280,7 @@ def test_transcript_a_gap_page_refused_leaves_a_hole_and_shows_what_is_held():
 
 
 def test_transcript_a_page_cut_short_ends_at_the_first_live_event():
-    t = transcript.Transcript()
-    t.welcome(welcome(0), rejoin=False)
-    t.event(message(1))
-    t.welcome(welcome(300), rejoin=True)
-    t.history({"type": "history", "after": 1, "count": 5, "missed": 294})
-    for seq in range(296, 301):
-        t.event(message(seq))
+    t = rejoined(300, 294)
     assert t.take_requests() == [{"type": "history", "before": 296, "limit": 200}]
     # 96-110 came, then retention dropped 111-200 while the rest was sent.
     t.history({"type": "history", "before": 296, "count": 200, "more": True})
@@ -307,14 +309,8 @@ def test_transcript_a_history_page_cut_short_keeps_its_unbroken_top():
 
 
 def test_transcript_a_gap_one_past_the_fill_is_one_event_in_the_singular():
-    t = transcript.Transcript()
-    t.welcome(welcome(0), rejoin=False)
-    t.event(message(1))
-    t.welcome(welcome(1007), rejoin=True)
-    t.history({"type": "history", "after": 1, "count": 5, "missed": 1001})
+    t = rejoined(1007, 1001)
     lines = []
-    for seq in range(1003, 1008):
-        lines += t.event(message(seq))
     while t.filling:
         (request,) = t.take_requests()
         before, limit = request["before"], request["limit"]
