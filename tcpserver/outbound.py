@@ -112,8 +112,7 @@ class Outbound:
             client.hold_at = self.stream.end
 
     def broadcast(self, frame: bytes) -> None:
-        self.stream.append(frame)
-        self.stats.stream_events += 1
+        self.publish([frame])
 
     def follow(self, client: Client) -> None:
         client.pos = self.stream.end

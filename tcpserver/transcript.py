@@ -194,11 +194,7 @@ class Transcript:
         gap is left as a hole for ``/history``."""
         if self._fill is None or self._fill_due is not None:
             return []
-        lo, hi = self._fill
-        self.holes.append((lo, hi))
-        return self._close_gap([Line(f"! {_events(hi - lo + 1, 'earlier ')} from while you were "
-                                     f"away {_are(hi - lo + 1)} not shown (/history shows them)",
-                                     err=True)])
+        return self._leave_hole(*self._fill)
 
     def older(self, count: int) -> dict | None:
         """The request for the ``count`` newest events of the newest hole,
@@ -266,12 +262,17 @@ class Transcript:
                                          f"{_are(count)} no longer kept by the server",
                                          err=True)])
         if self._fill_budget <= 0:
-            self.holes.append((lo, top))
-            return self._close_gap([Line(f"! {_events(count, 'earlier ')} from while you were "
-                                         f"away {_are(count)} not shown (/history shows them)",
-                                         err=True)])
+            return self._leave_hole(lo, top)
         self._ask_fill()
         return []
+
+    def _leave_hole(self, lo: int, hi: int) -> list[Line]:
+        """End the fill with seqs ``lo..hi`` left as a hole for ``/history``,
+        said in one line where they belong, then what is held."""
+        self.holes.append((lo, hi))
+        count = hi - lo + 1
+        return self._close_gap([Line(f"! {_events(count, 'earlier ')} from while you were away "
+                                     f"{_are(count)} not shown (/history shows them)", err=True)])
 
     def _close_gap(self, lines: list[Line]) -> list[Line]:
         held, self._gap, self._gap_due = self._gap or {}, None, None
