@@ -25,19 +25,20 @@ class Claim:
 
     ``error``: None when the name is now the claimant's, else the error code
     to answer the hello with (``name_taken``, ``room_unavailable``).
-    ``count``: members in the room, the claimant included.  ``labels``:
-    every member's label ordered by casefolded name when the room is small
-    (None: use this process's members).  ``replaced``: the label of a
+    ``count``: members in the room, the claimant included.  ``arrays``:
+    every member's label ordered by casefolded name when the room is small,
+    encoded once for every claim it answers (``roster.encode_arrays``;
+    None: use this process's members).  ``replaced``: the label of a
     member on another process whose name the claimant took back with its
     resume token (its ``leave`` is the claimant's process's to publish).
     ``partial``: the whole room's list could not be read (Redis failed
-    after the claim), so ``labels`` is None and this process's members
+    after the claim), so ``arrays`` is None and this process's members
     stand in; the room then tells clients to fetch the list again.
     """
 
     error: str | None = None
     count: int = 0
-    labels: list[str] | None = None
+    arrays: list[bytes] | None = None
     replaced: str | None = None
     partial: bool = False
 

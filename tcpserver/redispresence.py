@@ -41,7 +41,7 @@ from tcpserver import protocol, resp
 from tcpserver.presence import Claim, Presence
 from tcpserver.redislog import RedisLog, Script
 from tcpserver.redisscripts import CLAIM, REAP, RELEASE, ROSTER, SYNC, WHO
-from tcpserver.roster import chunk_labels
+from tcpserver.roster import chunk_labels, encode_arrays
 from tcpserver.rules import WHO_PAGE, WHO_PAGE_MAX, now_ms
 
 log = logging.getLogger(__name__)
@@ -219,12 +219,14 @@ class RedisPresence(Presence):
         batch, self._batch = self._batch, []
 
         def reply(result: Any) -> None:
-            labels, count = None, None
+            arrays, count = None, None
             if not isinstance(result, Exception):
                 count = self._count = result[0]
                 if len(result) > 1 or count == 0:
                     pairs = sorted(zip(result[1::2], result[2::2]))
-                    labels = [_label(value) for _, value in pairs]
+                    # Encoded once for the whole batch of welcomes.
+                    arrays = encode_arrays([_label(value) for _, value in pairs],
+                                           self.room.limits.max_frame)
             for entry in batch:
                 done, claim = entry
                 if claim is None:
@@ -233,7 +235,7 @@ class RedisPresence(Presence):
                     self._batch.append(entry)
                     continue
                 if claim.error is None:
-                    claim = Claim(count=count or claim.count, labels=labels,
+                    claim = Claim(count=count or claim.count, arrays=arrays,
                                   replaced=claim.replaced, partial=count is None)
                 done(claim)
 

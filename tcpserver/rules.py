@@ -250,7 +250,7 @@ class Room:
         client.label = label
         client.resume = token
         self.members.add(key, client)
-        self._welcome(client, claim.labels)
+        self._welcome(client, claim.arrays)
         if claim.partial:
             self._unannounced = True  # its list lacks other processes' members
         log.info("%s joined", client.label)
@@ -259,13 +259,16 @@ class Room:
         else:
             self._unannounced = True
 
-    def _welcome(self, client: Client, labels: list[str] | None) -> None:
+    def _welcome(self, client: Client, arrays: list[bytes] | None) -> None:
         # The welcome and replayed history are queued at the current end of
         # the stream, and the member reads the stream from here: so events
         # staged this turn, its own join included, follow them, and nothing
         # is missed or seen twice.
         large = self.large
-        arrays = [b"[]"] if large else self._list_arrays(labels)
+        if large:
+            arrays = [b"[]"]
+        elif arrays is None:  # this process holds the whole room
+            arrays = self.members.arrays()
         count, history = self.log.tail(self.limits.history)
         self._send_list(client, {
             "type": "welcome", "name": client.name, "label": client.label,
@@ -416,16 +419,10 @@ class Room:
     def send_members(self, client: Client, labels: list[str] | None) -> None:
         """A whole member list as ``members`` replies: ``labels``, or this
         process's members for None."""
-        arrays = self._list_arrays(labels)
+        arrays = (self.members.arrays() if labels is None
+                  else encode_arrays(labels, self.limits.max_frame))
         self._send_list(client, {"type": "members", "more": len(arrays) > 1,
                                  "count": self.presence.count()}, arrays)
-
-    def _list_arrays(self, labels: list[str] | None) -> list[bytes]:
-        """``labels`` as JSON arrays for frames; None: this process's members,
-        encoded once a turn and shared (``Roster.arrays``)."""
-        if labels is None:
-            return self.members.arrays()
-        return encode_arrays(labels, self.limits.max_frame)
 
     def _send_list(self, client: Client, head: dict, arrays: list[bytes]) -> None:
         """``head`` with the first array as its ``members``, then a
