@@ -107,8 +107,6 @@ class Child:
             self.proc.wait()
 
 
-
-
 class Demo:
     """The parts, started by ``start`` and stopped by ``stop``."""
 

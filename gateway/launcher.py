@@ -58,7 +58,6 @@ CRASH_LOOP_DEATHS = 5
 CRASH_LOOP_WINDOW = 60.0
 
 
-
 class RestartPolicy:
     """When to restart a dead server.  No clock of its own: fed times, so
     the rules are tested without waiting."""

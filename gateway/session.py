@@ -70,6 +70,8 @@ CLOSE_TIMEOUT = 5.0
 # page's own 4000 when it abandons a socket to reconnect) stays a hang-up.
 LEAVING_CODES = frozenset({WSCloseCode.OK, WSCloseCode.GOING_AWAY})
 _QUIT = protocol.encode_frame({"type": "quit"})
+
+
 class Session:
     """One browser: its WebSocket, its TCP connection and the backlog between."""
 
@@ -233,8 +235,9 @@ class Session:
             grown = held - decoder.buffered - 3 * len(payloads)
             if payloads and decoder.buffered >= protocol.HEADER.size:
                 # A length header is left: this finds a bad one that stopped
-                # the first call (the frames before it are relayed first).
-                decoder.payloads()
+                # the split (the frames before it are relayed first); a
+                # frame still arriving is None.
+                decoder.next_payload()
             self._carry = look and decoder.buffered > 0
             if look:
                 for payload in payloads:
