@@ -291,11 +291,12 @@ def served_hosts(bind_host: str, server_names: Iterable[str],
     """
     names: set[str] = set()
     addresses: set[IPAddress] = set()
-    hosts = [bind_host, *server_names,
-             *(URL(origin).host or "" for origin in allowed_origins)]
-    for host in hosts:
-        if host in WILDCARD_HOSTS:
-            continue
+    hosts = [*server_names, *(URL(origin).host or "" for origin in allowed_origins)]
+    # A wildcard bind admits every address; a wildcard an operator lists
+    # as a name (--server-name 0.0.0.0) is served like any other address.
+    if bind_host not in WILDCARD_HOSTS:
+        hosts.append(bind_host)
+    for host in filter(None, hosts):  # an origin without a host names nothing
         ip = _ip(host.strip("[]"))
         if ip is not None:
             addresses.add(ip)
