@@ -8,7 +8,9 @@ offset at which it was queued, so they interleave with the room stream
 exactly in the order the server produced them.
 
 ``flush_all`` runs once per loop turn: every client with pending bytes gets
-them in one ``send``.  Only a client whose kernel buffer is full registers
+them in one ``send``.  Room bytes that are only joins, leaves and member
+counts may wait up to ``PRESENCE_LINGER`` for the next turns' ones, so that
+a join storm costs each member a few sends, not one per join.  Only a client whose kernel buffer is full registers
 ``EVENT_WRITE``, so an idle server sleeps and a busy one makes no
 per-recipient selector calls.
 
@@ -41,6 +43,18 @@ REPLAY_CHUNK = 256 * 1024
 SETTLE_MAX = 1.0
 # sendmsg() takes at most IOV_MAX buffers; the rest go in the next call.
 _IOV_MAX = 1024
+# How long room events that are only presence (joins, leaves, member counts)
+# may wait to share their sends with the next ones, in seconds.  Below
+# --announce-limit every join goes to every member: in a storm of N joins
+# that was N sends (and N wake-ups, N WebSocket messages through the
+# gateway) per member, most carrying one small frame.  Nobody notices a
+# join shown 50 ms late; chat messages, private frames and replies never
+# wait (anything else on the stream flushes all of it at once).
+PRESENCE_LINGER = 0.05
+# How a presence frame starts, after its 4-byte length: every encoder puts
+# "type" first (``protocol.encode_frame``, the Redis scripts).  A frame that
+# does not match is simply sent at once.
+_PRESENCE_STARTS = (b'{"type":"join"', b'{"type":"leave"', b'{"type":"presence"')
 
 
 def watch(selector: selectors.BaseSelector, client: Client) -> None:
@@ -87,13 +101,19 @@ class Outbound:
         self._leaving: list[Client] = []  # stream them up to their own leave
         self._leaving_since = 0.0
         self._flushed_end = 0
-        self._delivered_upto = 0  # stats.stream_events already counted as delivered
+        self._urgent = False  # room bytes past _flushed_end that must not wait
+        self._linger_until = 0.0  # when unflushed presence must go anyway
 
-    @property
-    def unflushed(self) -> bool:
-        """Whether a flush has work: room bytes or private frames not yet
-        offered to their clients (evictions during a flush leave some)."""
-        return self.stream.end > self._flushed_end or bool(self.dirty)
+    def flush_due(self) -> float | None:
+        """When ``flush_all`` next has work, in monotonic seconds: 0.0 for at
+        once (private frames, room events other than presence, evictions
+        during a flush leaving some), the end of the presence linger, or
+        None when nothing is pending."""
+        if self.dirty or self._urgent:
+            return 0.0
+        if self.stream.end > self._flushed_end:
+            return self._linger_until
+        return None
 
     # --- rules.Outbox ----------------------------------------------------
 
@@ -112,7 +132,7 @@ class Outbound:
             client.hold_at = self.stream.end
 
     def broadcast(self, frame: bytes) -> None:
-        self.publish([frame])
+        self.publish([frame], 0.0)
 
     def follow(self, client: Client) -> None:
         client.pos = self.stream.end
@@ -125,11 +145,21 @@ class Outbound:
 
     # --- the loop's turn -------------------------------------------------
 
-    def publish(self, frames: list[bytes]) -> None:
-        """Put this turn's committed room events on the stream."""
+    def publish(self, frames: list[bytes], now: float) -> None:
+        """Put this turn's committed room events on the stream (``now`` in
+        monotonic seconds starts the presence linger)."""
+        if not frames:
+            return
+        if self.stream.end == self._flushed_end:
+            self._linger_until = now + PRESENCE_LINGER
         for frame in frames:
+            if not self._urgent and not frame.startswith(_PRESENCE_STARTS, 4):
+                self._urgent = True
             self.stream.append(frame)
         self.stats.stream_events += len(frames)
+        # Counted once per turn, not per recipient: every member streaming
+        # now gets these (a member that follows later starts after them).
+        self.stats.delivered += len(frames) * len(self.streaming)
 
     def end_leavers(self, now: float) -> None:
         """End the streams of the clients that left, at the room bytes so far.
@@ -167,15 +197,14 @@ class Outbound:
 
     # --- flushing --------------------------------------------------------
 
-    def flush_all(self) -> None:
-        """Send pending bytes to every client that has some."""
+    def flush_all(self, now: float) -> None:
+        """Send pending bytes to every client that has some; room bytes that
+        are only presence wait until ``now`` (monotonic seconds) reaches the
+        end of their linger, except for clients with private frames."""
         stream_end = self.stream.end
-        if stream_end > self._flushed_end:
+        if stream_end > self._flushed_end and (self._urgent or now >= self._linger_until):
             self._flushed_end = stream_end
-            # Deliveries counted once per flush, not per recipient.
-            stats = self.stats
-            stats.delivered += (stats.stream_events - self._delivered_upto) * len(self.streaming)
-            self._delivered_upto = stats.stream_events
+            self._urgent = False
             targets = list(self.streaming)
             targets.extend(self.dirty.difference(self.streaming))
         else:

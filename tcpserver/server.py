@@ -198,7 +198,7 @@ class ChatServer:
                 except Exception:
                     self._internal_error(client)
         self._commit()
-        self.out.flush_all()
+        self.out.flush_all(self.now)
         # Timers last, as the room log expects (its tick, then its flush);
         # what they queue (pings, wake-ups) makes the next select not wait.
         self._run_timers()
@@ -212,9 +212,14 @@ class ChatServer:
     def _select_timeout(self) -> float | None:
         if self._stop_requested and not self.stopping:
             return 0
-        if self.out.unflushed or self._input_ready or self.log.staged:
+        if self._input_ready or self.log.staged:
+            return 0
+        flush_at = self.out.flush_due()
+        if flush_at == 0.0:
             return 0  # evictions during the last flush left work to do
         wake = self.deadlines.next_time()
+        if flush_at is not None:
+            wake = flush_at if wake is None else min(wake, flush_at)
         if self.clients or self.stopping or self.listener.paused_until or self.log.timed:
             wake = self._next_tick if wake is None else min(wake, self._next_tick)
         if wake is None:
@@ -281,7 +286,7 @@ class ChatServer:
 
     def _commit(self) -> None:
         """Make this turn's room events durable, then put them on the stream."""
-        self.out.publish(self.room.commit())
+        self.out.publish(self.room.commit(), self.now)
         if self.log.take_reset():
             self._restart_members()
         self.out.end_leavers(self.now)

@@ -1,0 +1,126 @@
+"""When the server's output goes out: ``Outbound`` on real socket pairs,
+with the clock given by the test.  Presence (joins, leaves, member counts)
+may linger to share its sends; anything else goes at once."""
+
+import selectors
+import socket
+
+import pytest
+
+from tcpserver import protocol
+from tcpserver.client_state import Client
+from tcpserver.outbound import PRESENCE_LINGER, Outbound
+from tcpserver.roomlog import MemoryLog
+from tcpserver.settings import Limits
+
+T0 = 1000.0
+
+
+def join(n: int) -> bytes:
+    return protocol.encode_frame({"type": "join", "seq": n, "member": f"m{n}@h", "ts": 1})
+
+
+def message(n: int) -> bytes:
+    return protocol.encode_frame({"type": "message", "seq": n, "from": "a@h", "text": "hi",
+                                  "ts": 1})
+
+
+def presence(count: int) -> bytes:
+    return protocol.encode_frame({"type": "presence", "count": count, "large": True})
+
+
+class Member:
+    """A streaming member of ``out`` on one end of a socket pair; the test
+    reads the other end as the member's peer would."""
+
+    def __init__(self, out: Outbound) -> None:
+        self.sock, self.peer = socket.socketpair()
+        self.sock.setblocking(False)
+        self.peer.setblocking(False)
+        self.client = Client(self.sock, "127.0.0.1", T0, out.limits)
+        out.follow(self.client)
+
+    def received(self) -> bytes:
+        """Everything in the peer's receive buffer now; each call that
+        finds bytes stands for one send the member saw."""
+        try:
+            return self.peer.recv(1 << 20)
+        except BlockingIOError:
+            return b""
+
+    def close(self) -> None:
+        self.sock.close()
+        self.peer.close()
+
+
+@pytest.fixture
+def out():
+    limits = Limits()
+    outbound = Outbound(selectors.DefaultSelector(), limits,
+                        MemoryLog(limits.max_frame, limits.history, 1000),
+                        drop=lambda client, reason: None,
+                        internal_error=lambda client: None, input_ready=lambda client: None)
+    yield outbound
+    outbound.selector.close()
+
+
+@pytest.fixture
+def member(out):
+    m = Member(out)
+    yield m
+    m.close()
+
+
+def test_a_burst_of_joins_reaches_a_member_in_one_send(out, member):
+    for n in range(1, 6):  # five turns, 10 ms apart, each with one join
+        now = T0 + n * 0.01
+        out.publish([join(n)], now)
+        out.flush_all(now)
+        assert member.received() == b"", f"join {n} went alone"
+    assert out.flush_due() == pytest.approx(T0 + 0.01 + PRESENCE_LINGER)
+    out.flush_all(T0 + 0.01 + PRESENCE_LINGER)
+    assert member.received() == b"".join(join(n) for n in range(1, 6))
+    assert out.flush_due() is None
+
+
+def test_a_chat_message_takes_the_waiting_joins_along_at_once(out, member):
+    out.publish([join(1)], T0)
+    out.flush_all(T0)
+    out.publish([message(2)], T0 + 0.001)
+    assert out.flush_due() == 0.0
+    out.flush_all(T0 + 0.001)
+    assert member.received() == join(1) + message(2)
+
+
+@pytest.mark.parametrize("frame", [message(1), protocol.encode_frame(
+    {"type": "shutdown", "message": "the server is shutting down"})])
+def test_anything_but_presence_goes_in_the_turn_it_was_published(out, member, frame):
+    out.publish([frame], T0)
+    out.flush_all(T0)
+    assert member.received() == frame
+
+
+def test_a_member_count_lingers_like_a_join(out, member):
+    out.publish([presence(1500)], T0)
+    out.flush_all(T0)
+    assert member.received() == b""
+    out.flush_all(T0 + PRESENCE_LINGER)
+    assert member.received() == presence(1500)
+
+
+def test_a_private_frame_goes_at_once_with_the_presence_before_it(out, member):
+    """A newcomer's welcome (or any reply) does not wait for the linger; the
+    room bytes queued before it go with it, in order."""
+    other = Member(out)
+    try:
+        out.publish([join(1)], T0)
+        welcome = protocol.encode_frame({"type": "pong", "token": "t"})
+        out.send(member.client, welcome, reply=True)
+        out.flush_all(T0)
+        assert member.received() == join(1) + welcome
+        assert other.received() == b""  # it has only presence pending
+        out.flush_all(T0 + PRESENCE_LINGER)
+        assert other.received() == join(1)
+        assert member.received() == b""  # nothing twice
+    finally:
+        other.close()
