@@ -202,7 +202,9 @@ class Outbound:
         are only presence wait until ``now`` (monotonic seconds) reaches the
         end of their linger, except for clients with private frames."""
         stream_end = self.stream.end
-        if stream_end > self._flushed_end and (self._urgent or now >= self._linger_until):
+        lingering = stream_end > self._flushed_end and not self._urgent \
+            and now < self._linger_until
+        if stream_end > self._flushed_end and not lingering:
             self._flushed_end = stream_end
             self._urgent = False
             targets = list(self.streaming)
@@ -232,8 +234,10 @@ class Outbound:
                     self._internal_error(client)
         finally:
             whole.release()
-        if not self.stream.buffered:
-            return  # nothing to trim: an idle turn must not visit every member
+        if lingering or not self.stream.buffered:
+            # Nothing to trim: an idle turn, or one that left the stream's
+            # new bytes lingering, must not visit every member.
+            return
         if self.streaming:
             self.stream.trim(min(c.pos for c in self.streaming))
         else:
