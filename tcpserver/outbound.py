@@ -202,9 +202,9 @@ class Outbound:
         are only presence wait until ``now`` (monotonic seconds) reaches the
         end of their linger, except for clients with private frames."""
         stream_end = self.stream.end
-        lingering = stream_end > self._flushed_end and not self._urgent \
-            and now < self._linger_until
-        if stream_end > self._flushed_end and not lingering:
+        streaming = stream_end > self._flushed_end and (self._urgent
+                                                        or now >= self._linger_until)
+        if streaming:
             self._flushed_end = stream_end
             self._urgent = False
             targets = list(self.streaming)
@@ -234,9 +234,12 @@ class Outbound:
                     self._internal_error(client)
         finally:
             whole.release()
-        if lingering or not self.stream.buffered:
-            # Nothing to trim: an idle turn, or one that left the stream's
-            # new bytes lingering, must not visit every member.
+        if not (streaming and self.stream.buffered):
+            # Only a turn that sent the stream to every member visits every
+            # member to trim it: others (idle, presence lingering, replies
+            # and pongs while a slow reader holds old bytes) stay O(clients
+            # written to).  What a blocked member took meanwhile is trimmed
+            # with the next event.
             return
         if self.streaming:
             self.stream.trim(min(c.pos for c in self.streaming))
