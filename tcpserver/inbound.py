@@ -122,12 +122,11 @@ class Inbound:
             # Flooding is a backlog that takes too long to work off at the
             # rate, not time spent waiting: a stall bunches a polite
             # sender's frames, but only a flooder's pile keeps growing.
-            limits = self.limits
-            bound = max(1, int(limits.msg_rate * limits.flood_seconds))
+            bound = self.limits.flood_frames
             if 1 + decoder.whole_frames(bound) > bound:
                 return self.fail(client, "flooding", f"disconnected for flooding: over {bound} "
-                                  f"messages waiting for the rate limit ({limits.msg_rate:g} a "
-                                  "second)", "flooding")
+                                  f"messages waiting for the rate limit ({self.limits.msg_rate:g} "
+                                  "a second)", "flooding")
             client.wake_at = now + (1 - client.tokens) / self.limits.msg_rate
             self.deadlines.schedule(client, client.wake_at)
         waiting = busy or throttled

@@ -10,9 +10,9 @@ exactly in the order the server produced them.
 ``flush_all`` runs once per loop turn: every client with pending bytes gets
 them in one ``send``.  Room bytes that are only joins, leaves and member
 counts may wait up to ``PRESENCE_LINGER`` for the next turns' ones, so that
-a join storm costs each member a few sends, not one per join.  Only a client whose kernel buffer is full registers
-``EVENT_WRITE``, so an idle server sleeps and a busy one makes no
-per-recipient selector calls.
+a join storm costs each member a few sends, not one per join.  Only a
+client whose kernel buffer is full registers ``EVENT_WRITE``, so an idle
+server sleeps and a busy one makes no per-recipient selector calls.
 
 ``Outbound`` owns no connections: it is told how to drop one, how to report a
 bug met while flushing one, and how to let a client's waiting requests go

@@ -106,6 +106,12 @@ class Limits:
     # How long shutdown waits for clients to take their last bytes.
     shutdown_grace: float = 5.0
 
+    @property
+    def flood_frames(self) -> int:
+        """Frames that may wait for the rate limit before it is flooding:
+        ``msg_rate * flood_seconds``, at least 1."""
+        return max(1, int(self.msg_rate * self.flood_seconds))
+
 
 # (option, Limits field, type, help)
 _OPTIONS = (

@@ -101,35 +101,40 @@ def port_is_free(host: str, port: int) -> bool:
     return True
 
 
+def _poll_until(ready, timeout: float, alive) -> bool:
+    """Call ``ready()`` every 50 ms until it is True; False if ``timeout``
+    seconds pass or ``alive()`` turns False first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ready():
+            return True
+        if not alive():
+            return False
+        time.sleep(0.05)
+    return False
+
+
 def wait_nginx(conf: Path, pid: int, timeout: float, alive=lambda: True) -> bool:
     """Poll until nginx started on ``conf`` (its master ``pid``) has written
     its pid file, which it does only once its listening sockets are bound;
     False if ``timeout`` seconds pass or ``alive()`` turns False first."""
     pid_file = conf.parent / "nginx.pid"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def written() -> bool:
         try:
-            if pid_file.read_text().strip() == str(pid):
-                return True
+            return pid_file.read_text().strip() == str(pid)
         except FileNotFoundError:
-            pass
-        if not alive():
             return False
-        time.sleep(0.05)
-    return False
+    return _poll_until(written, timeout, alive)
 
 
 def wait_port(host: str, port: int, timeout: float, alive=lambda: True) -> bool:
     """Poll until ``host:port`` accepts a TCP connection; False if ``timeout``
     seconds pass or ``alive()`` turns False first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def accepts() -> bool:
         try:
             with socket.create_connection((host, port), timeout=1):
                 return True
         except OSError:
-            pass
-        if not alive():
             return False
-        time.sleep(0.05)
-    return False
+    return _poll_until(accepts, timeout, alive)
