@@ -14,6 +14,14 @@ A second server on the same file is refused: ``PATH.lock`` holds an
 ``fcntl.flock`` for the server's lifetime and its PID, which the refusal
 names.  The kernel drops the lock when the process dies, even by SIGKILL.
 
+The lock file's second line, ``seen EPOCH SEQ``, is the highest ``seq``
+members may have been sent, rewritten after every commit (one ``pwrite``,
+no fsync).  A file that opens with the same epoch but fewer events than
+that (a backup restored over it, or a power loss that took back commits
+members saw) would hand out numbers members already hold for other
+events, so it starts a new epoch instead and clients start a new
+transcript.
+
 Start-up reads the epoch, ``MIN``/``MAX(seq)`` and the newest ``recent``
 frames: a handful of index reads, whatever the file's size.  Memory is
 SQLite's page cache (``CACHE_KIB``) plus ``recent`` frames.
@@ -82,9 +90,10 @@ class SqliteLog(RoomLog):
         self.retain_days = retain_days
         self._degraded: str | None = None
         self._prune_failing = False
-        self._lock_fd = _lock(self.path)
+        self._lock_fd, self._seen_at, seen = _lock(self.path)
         try:
-            self._db = self._open()
+            self._db = self._open(seen)
+            self._note_seen()
         except sqlite3.Error as exc:
             os.close(self._lock_fd)
             raise StorageError(f"cannot use the room database {self.path}: {exc}") from None
@@ -92,7 +101,9 @@ class SqliteLog(RoomLog):
             os.close(self._lock_fd)
             raise
 
-    def _open(self) -> sqlite3.Connection:
+    def _open(self, seen: tuple[str, int] | None) -> sqlite3.Connection:
+        """Open (creating if need be) the database; ``seen`` is the (epoch,
+        seq) the last server on this file may have sent members, if known."""
         # isolation_level=None: transactions are ours (BEGIN/COMMIT), one per turn.
         db = sqlite3.connect(self.path, isolation_level=None, cached_statements=16)
         try:
@@ -112,6 +123,14 @@ class SqliteLog(RoomLog):
             row = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
             self.fresh = row is None
             self.epoch = new_epoch() if row is None else row[0]
+            last = db.execute("SELECT MAX(seq) FROM events").fetchone()[0] or 0
+            if seen is not None and seen[0] == self.epoch and seen[1] > last:
+                log.warning("room log: %s holds events up to seq %d, but members may have "
+                            "seen up to %d (restored from a backup, or a power loss took "
+                            "commits back): starting a new epoch, so clients start a new "
+                            "transcript instead of taking new events for ones they hold",
+                            self.path, last, seen[1])
+                self.epoch = new_epoch()
             db.execute("INSERT OR REPLACE INTO meta VALUES ('epoch', ?)", (self.epoch,))
             opened = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             db.execute("INSERT OR REPLACE INTO meta VALUES ('opened_by', ?)",
@@ -147,9 +166,22 @@ class SqliteLog(RoomLog):
             self._rollback()
             self._degraded = f"storage: {exc}"
             raise StorageError(self._degraded) from None
+        if events:
+            self._note_seen(events[-1][0])
         if self._degraded is not None:
             log.warning("room log: storing works again (%s)", self.path)
             self._degraded = None
+
+    def _note_seen(self, seq: int | None = None) -> None:
+        """Record in the lock file that members may be sent up to ``seq``
+        (default: the last stored), before any of them is.  Fixed width, so
+        each update is one ``pwrite`` over the last."""
+        line = _seen_line(self.epoch, self._last_seq if seq is None else seq)
+        try:
+            os.pwrite(self._lock_fd, line, self._seen_at)
+        except OSError as exc:
+            # Only the restore check loses by it; the room goes on.
+            log.debug("room log: cannot record the last seq in the lock file: %s", exc)
 
     def _load(self, first: int, last: int, max_bytes: int) -> list[bytes]:
         out: list[bytes] = []
@@ -256,9 +288,11 @@ class SqliteLog(RoomLog):
         return f"sqlite {self.path} ({fresh}keeps {self.retain_events} events{days})"
 
 
-def _lock(path: Path) -> int:
+def _lock(path: Path) -> tuple[int, int, tuple[str, int] | None]:
     """Create the file's directory, take ``PATH.lock`` and write our PID in
-    it; return its descriptor.  Raises StorageError naming the holder."""
+    it, keeping the ``seen`` line after it; return its descriptor, that
+    line's offset, and the (epoch, seq) its last holder recorded as seen,
+    if any.  Raises StorageError naming the holder."""
     lock_path = path.with_name(path.name + ".lock")
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -276,14 +310,34 @@ def _lock(path: Path) -> int:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        holder = os.pread(fd, 64, 0).decode(errors="replace").partition("\n")[0].strip()
         os.close(fd)
         raise StorageError(f"the room database {path} is in use by another chat server "
-                           f"(pid {holder}, see {lock_path}); stop it or choose another "
-                           "file with --db") from None
+                           f"(pid {holder or 'unknown'}, see {lock_path}); stop it or choose "
+                           "another file with --db") from None
+    seen = _parse_seen(os.pread(fd, 256, 0).decode(errors="replace"))
+    pid_line = f"{os.getpid()}\n".encode()
+    # The seen line is carried over at once: a crash before our first
+    # commit must not lose it.
+    kept = b"" if seen is None else _seen_line(*seen)
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
+    os.pwrite(fd, pid_line + kept, 0)
+    return fd, len(pid_line), seen
+
+
+def _seen_line(epoch: str, seq: int) -> bytes:
+    # Fixed width: each update overwrites the last exactly.
+    return f"seen {epoch} {seq:020d}\n".encode()
+
+
+def _parse_seen(text: str) -> tuple[str, int] | None:
+    """The ``seen EPOCH SEQ`` line of a lock file's text; None if absent or
+    unreadable (an older server's file, a torn write)."""
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) == 3 and words[0] == "seen" and words[2].isdigit():
+            return words[1], int(words[2])
+    return None
 
 
 def _apply_test_page_cap(db: sqlite3.Connection) -> None:

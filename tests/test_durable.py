@@ -100,6 +100,39 @@ def test_a_restart_keeps_the_epoch_and_seq_continues(start_server, open_client, 
     assert fresh["epoch"] != welcome["epoch"] and fresh["last_seq"] == 0
 
 
+def test_a_backup_put_back_starts_a_new_epoch_so_no_seq_means_two_events(
+        start_server, open_client, tmp_path):
+    db, backup = tmp_path / "room.db", tmp_path / "backup.db"
+    first = start_server(f"--db={db}")
+    alice = open_client(first.port)
+    welcome = alice.join("alice")
+    say(alice, "kept in the backup")
+    assert first.terminate() == 0
+    alice.close()
+    backup.write_bytes(db.read_bytes())  # a stopped server's file is whole
+
+    second = start_server(f"--db={db}")
+    bob = open_client(second.port)
+    bob.join("bob")
+    lost = say(bob, "said after the backup")
+    bob.close()
+    second.kill()  # a crash, then the operator puts the backup back
+    for suffix in ("-wal", "-shm"):
+        db.with_name(db.name + suffix).unlink(missing_ok=True)
+    db.write_bytes(backup.read_bytes())
+
+    third = start_server(f"--db={db}")
+    third.wait_log(f"members may have seen up to {lost['seq']}")
+    carol = open_client(third.port)
+    again = carol.join("carol")
+    # The file's numbers end below what bob saw: the same epoch would give
+    # bob's seqs to new events, and bob would skip them as already shown.
+    assert again["epoch"] != welcome["epoch"]
+    assert again["last_seq"] < lost["seq"]
+    carol.close()
+    assert third.terminate() == 0
+
+
 def test_members_a_crash_stranded_are_shown_leaving_after_the_restart(start_server,
                                                                       open_client, tmp_path):
     db = tmp_path / "room.db"

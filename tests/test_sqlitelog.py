@@ -61,6 +61,51 @@ def test_a_new_or_deleted_database_starts_a_new_epoch(tmp_path):
     second.close()
 
 
+def copy_database(source, target) -> None:
+    """Copy a closed database file (a backup, or putting one back): the
+    file alone, as `sqlite3 .backup` makes it, with no WAL beside it."""
+    for suffix in ("-wal", "-shm"):
+        target.with_name(target.name + suffix).unlink(missing_ok=True)
+    target.write_bytes(source.read_bytes())
+
+
+def test_a_restored_backup_starts_a_new_epoch(tmp_path, caplog):
+    """Members saw seqs 6..10; a backup holding 1..5 put back would give
+    6..10 again to other events, which clients would skip as already shown."""
+    path, backup = tmp_path / "room.db", tmp_path / "backup.db"
+    first = open_log(path)
+    add(first, 5)
+    first.close()
+    copy_database(path, backup)
+    again = open_log(path)
+    add(again, 5)
+    again.close()
+    copy_database(backup, path)
+
+    restored = open_log(path)
+    assert restored.epoch != first.epoch and not restored.fresh
+    assert restored.last_seq == 5 and seqs(add(restored, 1)) == [6]
+    assert "members may have seen up to 10" in caplog.text
+    restored.close()
+    reopened = open_log(path)  # from now on the new epoch carries on as usual
+    assert (reopened.epoch, reopened.last_seq) == (restored.epoch, 6)
+    reopened.close()
+
+
+def test_reopening_keeps_the_epoch_with_or_without_the_lock_files_record(tmp_path):
+    path = tmp_path / "room.db"
+    first = open_log(path)
+    add(first, 3)
+    # A kill leaves the lock file as it was after the last commit.
+    assert (tmp_path / "room.db.lock").read_text().splitlines()[1] == \
+        f"seen {first.epoch} {3:020d}"
+    first.close()
+    (tmp_path / "room.db.lock").unlink()  # e.g. a lock file from an older server
+    second = open_log(path)
+    assert (second.epoch, second.last_seq) == (first.epoch, 3)
+    second.close()
+
+
 def test_frames_stop_at_the_byte_budget_but_never_return_nothing(tmp_path):
     roomlog = open_log(tmp_path / "room.db", recent=1)
     sent = add(roomlog, 20)
