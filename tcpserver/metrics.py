@@ -16,7 +16,7 @@ Exported (all ``chat_``; counters end in ``_total``):
 * ``chat_stream_events_total``: frames appended to this node's room stream,
   every node's events included when the room is in Redis;
 * ``chat_deliveries_total``: stream frames times the members following the
-  stream when they were flushed (counted once per flush of the loop);
+  stream when they were put on it (counted once per loop turn);
 * ``chat_bytes_out_total``: bytes written to clients' sockets;
 * ``chat_evictions_total``: members evicted as slow readers;
 * ``chat_connections_accepted_total``, ``chat_connections_refused_total``

@@ -202,9 +202,9 @@ class Outbound:
         are only presence wait until ``now`` (monotonic seconds) reaches the
         end of their linger, except for clients with private frames."""
         stream_end = self.stream.end
-        streaming = stream_end > self._flushed_end and (self._urgent
-                                                        or now >= self._linger_until)
-        if streaming:
+        to_all = stream_end > self._flushed_end and (self._urgent
+                                                     or now >= self._linger_until)
+        if to_all:
             self._flushed_end = stream_end
             self._urgent = False
             targets = list(self.streaming)
@@ -234,7 +234,7 @@ class Outbound:
                     self._internal_error(client)
         finally:
             whole.release()
-        if not (streaming and self.stream.buffered):
+        if not (to_all and self.stream.buffered):
             # Only a turn that sent the stream to every member visits every
             # member to trim it: others (idle, presence lingering, replies
             # and pongs while a slow reader holds old bytes) stay O(clients
