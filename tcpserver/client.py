@@ -6,8 +6,10 @@ so an incoming message never garbles what is being typed.  Otherwise every
 line read from stdin is sent (commands work too; empty lines are skipped),
 each one only after the server has echoed the one before, resending it if
 it was rate-limited; at end of input the client quits and exits once the
-server has closed the connection, so nothing piped in is lost.  Input is
-handled in ``tcpserver/client_input.py``, one connection in
+server has closed the connection, so nothing piped in is lost.  A
+``/history`` cut off by a drop is aimed again once back (first at the part
+of the gap the fill left unshown).  Input is handled in
+``tcpserver/client_input.py``, one connection in
 ``tcpserver/client_conn.py``; what is shown, one line per event,
 is described in ``tcpserver/display.py``: room lines on stdout, diagnostics
 (``! ...``) on stderr.
@@ -69,6 +71,9 @@ _NAME_ERRORS = ("name_taken", "name_invalid", "bad_message")
 _NO_RETURN = frozenset({"bad_frame", "flooding"})
 
 Reply = Callable[[dict], bool]
+# What deliver() sends: a frame, or a function that makes it at each
+# attempt (None: nothing to send any more), so a retry can be re-aimed.
+Outgoing = dict | Callable[[], dict | None]
 
 
 class JoinRefused(protocol.RemoteProtocolError):
@@ -308,28 +313,32 @@ class Session:
         except OSError as exc:
             log.debug("pong not sent: %s", exc)
 
-    async def deliver(self, message: dict, is_reply: Reply,
+    async def deliver(self, message: Outgoing, is_reply: Reply,
                       timeout: float = ECHO_TIMEOUT) -> bool:
         """Send ``message`` until the frame ``is_reply`` accepts arrives.
 
-        Waits while reconnecting.  Returns True if the reply came; False
-        after another error (shown) or no reply within ``timeout``.  A
-        rate-limited frame, or one the room could not store
-        (``room_unavailable``), is resent after a pause; while a rate-limit
-        streak lasts the server drops frames without another error, so a
-        resent frame with no reply is resent again.  If the connection
-        drops first, the gap filled after the rejoin may hold the reply;
-        if not, the frame is sent again.
+        ``message`` may be a function making the frame at each attempt
+        (None: nothing to send).  Waits while reconnecting.  Returns True if
+        the reply came; False after another error (shown), no reply within
+        ``timeout``, or nothing to send.  A rate-limited frame, or one the
+        room could not store (``room_unavailable``), is resent after a
+        pause; while a rate-limit streak lasts the server drops frames
+        without another error, so a resent frame with no reply is resent
+        again.  If the connection drops first, the gap filled after the
+        rejoin may hold the reply; if not, the frame is sent again.
         """
         resent = False
         for _ in range(MAX_ATTEMPTS):
             await self.ready.wait()
             conn = self.conn
+            frame = message() if callable(message) else message
+            if frame is None:
+                return False
             future = asyncio.get_running_loop().create_future()
             self._waiter = (future, is_reply)
             self.echo_floor = self.transcript.last_seq
             try:
-                await conn.send(message)
+                await conn.send(frame)
                 ended = asyncio.ensure_future(conn.ended.wait())
                 await asyncio.wait({future, ended}, timeout=timeout,
                                    return_when=asyncio.FIRST_COMPLETED)

@@ -22,7 +22,7 @@ import sys
 import threading
 
 from tcpserver import display, protocol
-from tcpserver.client import Reply, Session
+from tcpserver.client import Outgoing, Reply, Session
 
 log = logging.getLogger(__name__)
 
@@ -113,26 +113,31 @@ async def _command(session: Session, command: str, rest: str, confirm: bool) -> 
         if not count.isdigit() or int(count) < 1:
             session.show("! usage: /history [N], N a number of events", err=True)
             return True
-        # Aimed once back and the gap filled: a hole the fill leaves comes first.
+        # Aimed once back and the gap filled, and again at each resend after
+        # a drop: a hole the fill leaves comes first.
         await session.ready.wait()
-        request = session.transcript.older(int(count))
-        if request is None:
+        if session.transcript.older(int(count)) is None:
             session.show("* nothing shown yet to go back from")
         else:
             # Done when the whole page is shown, so a next /history goes on from it.
             pages = session.transcript.pages
-            await _submit(session, request, lambda m: session.transcript.pages > pages, confirm)
+            await _submit(session, lambda: session.transcript.older(int(count)),
+                          lambda m: session.transcript.pages > pages, confirm)
     else:
         session.show(f"! unknown command /{command}: /help lists the commands", err=True)
     return True
 
 
-async def _submit(session: Session, message: dict, is_reply: Reply, confirm: bool) -> None:
+async def _submit(session: Session, message: Outgoing, is_reply: Reply,
+                  confirm: bool) -> None:
     if confirm:
         await session.deliver(message, is_reply)
         return
+    frame = message() if callable(message) else message
+    if frame is None:
+        return
     try:
-        await session.send(message)
+        await session.send(frame)
     except OSError as exc:
         # The validator holds lines while reconnecting; this is the drop
         # happening between Enter and the send.
