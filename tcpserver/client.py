@@ -6,10 +6,12 @@ so an incoming message never garbles what is being typed.  Otherwise every
 line read from stdin is sent (commands work too; empty lines are skipped),
 each one only after the server has echoed the one before, resending it if
 it was rate-limited; at end of input the client quits and exits once the
-server has closed the connection, so nothing piped in is lost.  A
-``/history`` cut off by a drop is aimed again once back (first at the part
-of the gap the fill left unshown).  Input is handled in
-``tcpserver/client_input.py``, one connection in
+server has closed the connection, so nothing piped in is lost.  A line
+whose echo a drop cut off is sent again once back only if the room did
+not get it: its echo may lie in the part of the gap the fill leaves
+unshown, and is looked for there (``tcpserver/client_echo.py``); a
+``/history`` cut off is aimed again once back (first at that part).
+Input is handled in ``tcpserver/client_input.py``, one connection in
 ``tcpserver/client_conn.py``; what is shown, one line per event,
 is described in ``tcpserver/display.py``: room lines on stdout, diagnostics
 (``! ...``) on stderr.
@@ -43,6 +45,7 @@ from typing import Callable
 from tcpserver import display, protocol
 from tcpserver.cli import DEFAULT_PORT
 from tcpserver.client_conn import Connection, NotChatServer
+from tcpserver.client_echo import ABSENT, AGAIN, FOUND, EchoSearch
 from tcpserver.transcript import Transcript
 
 log = logging.getLogger(__name__)
@@ -117,8 +120,17 @@ class Session:
         self._waiter: tuple[asyncio.Future, Reply] | None = None
         # The highest seq shown when deliver() last sent: the echo of what
         # it sent is above it, so an older message replayed after a rejoin
-        # is never taken for that echo.
+        # is never taken for that echo.  sent_as is our label then: the
+        # echo names it even if we come back from another address.
         self.echo_floor = 0
+        self.sent_as = ""
+        # The server's clock (ms) minus our monotonic one, from this
+        # connection's live events (the largest: the least delayed); None
+        # until one came.  live_from: the welcome's last_seq.
+        self.clock_ms: float | None = None
+        self.live_from = 0
+        self._search: EchoSearch | None = None  # a search whose page is due
+        self._search_page: asyncio.Future | None = None
 
     async def send(self, message: dict) -> None:
         """Send one message now.  Raises OSError if not connected."""
@@ -150,6 +162,8 @@ class Session:
         self.conn, self.shutdown, self.label = conn, False, welcome["label"]
         self.who_prefix = ""  # a /who cut off by the drop
         self.resume = welcome.get("resume")
+        self.clock_ms, self.live_from = None, welcome["last_seq"]
+        self._search = None  # a page asked on the old connection will not come
         lines, request = self.transcript.welcome(welcome, rejoin)
         self._print(lines)
         if rejoin:
@@ -249,7 +263,17 @@ class Session:
     async def _handle(self, conn: Connection, msg: dict) -> None:
         kind = msg["type"]
         transcript = self.transcript
+        search = self._search
+        if search is not None and search.take(msg):
+            if not search.waiting:  # the page is over (its pong, or an error)
+                self._search = None
+                if self._search_page is not None and not self._search_page.done():
+                    self._search_page.set_result(None)
+            return  # a page of the gap read for an echo: not shown
         if kind in ("message", "join", "leave"):
+            if msg["seq"] > self.live_from:
+                offset = msg["ts"] - asyncio.get_running_loop().time() * 1000
+                self.clock_ms = offset if self.clock_ms is None else max(self.clock_ms, offset)
             self._print(transcript.event(msg))
         elif kind == "history":
             self._print(transcript.history(msg))
@@ -325,18 +349,36 @@ class Session:
         pause; while a rate-limit streak lasts the server drops frames
         without another error, so a resent frame with no reply is resent
         again.  If the connection drops first, the gap filled after the
-        rejoin may hold the reply; if not, the frame is sent again.
+        rejoin may hold the reply; if not, the frame is sent again, but a
+        ``say`` only once ``client_echo.EchoSearch`` found that the room
+        did not get it (its echo may lie in the part of the gap the fill
+        left unshown).
         """
         resent = False
+        search: EchoSearch | None = None  # a say cut off by a drop: was it said?
         for _ in range(MAX_ATTEMPTS):
             await self.ready.wait()
+            if search is not None:
+                verdict = await self._find_echo(search)
+                if verdict == FOUND:
+                    return True
+                if verdict is None:  # the link dropped again: search once back
+                    continue
+                if verdict == AGAIN:
+                    await asyncio.sleep(RATE_LIMIT_PAUSE)
+                    continue
+                if verdict != ABSENT:
+                    self.show(f"! cannot tell whether a line sent before the drop reached "
+                              f"the room ({search.why}): sending it again", err=True)
+                search = None
             conn = self.conn
             frame = message() if callable(message) else message
             if frame is None:
                 return False
             future = asyncio.get_running_loop().create_future()
             self._waiter = (future, is_reply)
-            self.echo_floor = self.transcript.last_seq
+            self.echo_floor, self.sent_as = self.transcript.last_seq, self.label
+            restarts = self.transcript.restarts  # the rejoin may start the numbers over
             try:
                 await conn.send(frame)
                 ended = asyncio.ensure_future(conn.ended.wait())
@@ -348,6 +390,7 @@ class Session:
                 # to see it end, then go the way of any drop.
                 log.debug("send failed: %s", exc)
                 await conn.ended.wait()
+            dropped_at = asyncio.get_running_loop().time()
             if not future.done() and conn.ended.is_set():
                 # Published before the drop? The gap fill will show it.
                 await self.ready.wait()
@@ -357,6 +400,10 @@ class Session:
             if result == "ok":
                 return True
             if result == "closed":
+                if frame["type"] == "say":
+                    # Or it lies in a hole the fill left: look there first.
+                    search = EchoSearch(self.echo_floor, self.sent_as, is_reply, restarts,
+                                        dropped_at)
                 continue
             # room_unavailable: the room could not store it (e.g. disk
             # full) and did not publish it; it recovers by itself.
@@ -369,6 +416,35 @@ class Session:
                 self.show(f"! no reply from the server within {timeout:g} s", err=True)
             return False
         return False
+
+    async def _find_echo(self, search: EchoSearch) -> str | None:
+        """Run ``search`` on this connection, a page at a time: its verdict,
+        or None if the link dropped first (run it again once back)."""
+        conn = self.conn
+        search.begin(self.transcript.welcome_last, self.clock_ms)
+        try:
+            while (frames := search.requests(self.transcript)) is not None:
+                page = self._search_page = asyncio.get_running_loop().create_future()
+                # _handle routes the page's frames to the search until it is over.
+                self._search = search
+                for frame in frames:
+                    await conn.send(frame)
+                ended = asyncio.ensure_future(conn.ended.wait())
+                await asyncio.wait({page, ended}, timeout=ECHO_TIMEOUT,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                ended.cancel()
+                if not page.done():
+                    return None if conn.ended.is_set() else search.timed_out()
+            log.debug("echo search: %s after %d pages", search.verdict, search.pages)
+            return search.verdict
+        except OSError as exc:
+            log.debug("echo search cut off: %s", exc)
+            await conn.ended.wait()
+            return None
+        finally:
+            # A page given up on stays routed until its pong: late, it
+            # must not be taken for a /history page.
+            self._search_page = None
 
     async def quit(self) -> None:
         """Leave: send quit until our leave comes back, then wait for the

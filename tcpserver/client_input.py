@@ -83,7 +83,7 @@ async def act(session: Session, line: str, confirm: bool) -> bool:
     text = line[1:] if line.startswith("//") else line
     await _submit(session, {"type": "say", "text": text},
                   lambda m: m["type"] == "message" and m["seq"] > session.echo_floor
-                  and m["from"] == session.label and m["text"] == text, confirm)
+                  and m["from"] == session.sent_as and m["text"] == text, confirm)
     return True
 
 

@@ -15,11 +15,13 @@ to print and, after a rejoin, the ``history`` request to send.  Its rules:
   ``history before``, in pages of MAX_OLDER, still holding everything
   else; then all are shown in order.  A longer gap leaves a *hole*: one
   line says how many events are not shown, where they belong, and that
-  ``/history`` shows them; what the server no longer keeps is counted, and
-  a page the room cannot read now (``room_unavailable``) leaves a hole too;
+  ``/history`` shows them; what the server no longer keeps is counted (and
+  kept in ``lost``), and a page the room cannot read now
+  (``room_unavailable``) leaves a hole too;
 * after a rejoin in another epoch the old numbers mean nothing: one line
   says so, no history is asked with them, and what was held for a gap
-  still being filled when the link dropped again is dropped;
+  still being filled when the link dropped again is dropped (``restarts``
+  counts such new starts);
 * ``older(n)`` asks for the ``n`` newest events of the newest hole, else
   the ``n`` before the oldest one shown (``history before``); they are
   printed as one block, marked ``(history)``.
@@ -69,7 +71,10 @@ class Transcript:
         self._fill_budget = 0
         self._requests: list[dict] = []
         self.holes: list[tuple[int, int]] = []  # (lo, hi) seqs not shown, oldest first
-        self._welcome_last = 0
+        # (lo, hi) seqs of a gap the server no longer kept when it was filled
+        self.lost: list[tuple[int, int]] = []
+        self.restarts = 0  # times the numbers started over (another epoch, unknown_seq)
+        self.welcome_last = 0  # the last welcome's last_seq
         self._older: list[dict] = []  # a /history page being read
         self._older_before = 0
         self._older_due = 0
@@ -99,13 +104,14 @@ class Transcript:
         self._gap, self._gap_due, self._missed = None, None, 0
         if rejoin and self.last_seq and epoch is not None and epoch == self.epoch:
             self._gap, self._gap_due, self._missed = {}, None, 0
-            self._welcome_last = msg["last_seq"]
             request = {"type": "history", "after": self.last_seq}
         else:
             if rejoin and self.last_seq:
                 lines.append(Line(NEW_EPOCH, err=True))
-            self.last_seq, self.oldest_seq, self.holes = 0, None, []
+            self.last_seq, self.oldest_seq, self.holes, self.lost = 0, None, [], []
             self.replay_until = msg["last_seq"]
+            self.restarts += 1
+        self.welcome_last = msg["last_seq"]
         self.epoch = epoch
         return lines, request
 
@@ -180,8 +186,9 @@ class Transcript:
             return []
         held, self._gap = self._gap, None
         self._fill, self._fill_due, self._requests = None, None, []
-        self.last_seq, self.oldest_seq, self.holes = 0, None, []
-        self.replay_until = self._welcome_last
+        self.last_seq, self.oldest_seq, self.holes, self.lost = 0, None, [], []
+        self.replay_until = self.welcome_last
+        self.restarts += 1
         lines = [Line(NEW_EPOCH, err=True)]
         for seq in sorted(held):
             lines += self._show(held[seq])
@@ -258,6 +265,7 @@ class Transcript:
             return self._close_gap([])
         count = top - lo + 1
         if not fetched or not self._fill_more:
+            self.lost.append((lo, top))
             return self._close_gap([Line(f"! {_events(count)} from while you were away "
                                          f"{_are(count)} no longer kept by the server",
                                          err=True)])

@@ -33,11 +33,14 @@ class Proxy:
 
     ``cut()`` closes every link (both sides, or only the client's side,
     leaving the server holding a stale connection); while ``held``, new
-    connections are closed at once, so the client keeps retrying.
+    connections are closed at once, so the client keeps retrying.  New
+    links reach the server from ``source`` (another loopback address makes
+    the client come back under another label).
     """
 
     def __init__(self, target: int) -> None:
         self.target = target
+        self.source = "127.0.0.1"
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.held = False
@@ -56,7 +59,8 @@ class Proxy:
             if self.held:
                 client.close()
                 continue
-            upstream = socket.create_connection(("127.0.0.1", self.target), timeout=5)
+            upstream = socket.create_connection(("127.0.0.1", self.target), timeout=5,
+                                                source_address=(self.source, 0))
             with self._lock:
                 self.links.append((client, upstream))
             threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
