@@ -521,9 +521,16 @@ async def _main(name: str, host: str, port: int, holder: dict) -> int:
         done, _ = await asyncio.wait({stay, ui}, return_when=asyncio.FIRST_COMPLETED)
         return EXIT_OK if ui in done else stay.result()
     finally:
+        # Before Python 3.12, wait_for can swallow a cancel that races its
+        # inner future finishing (CPython gh-86296), and the task would go
+        # on reconnecting: cancel until both are done.
+        while not (stay.done() and ui.done()):
+            stay.cancel()
+            ui.cancel()
+            await asyncio.wait({stay, ui}, timeout=0.2)
         for task in (stay, ui):
-            task.cancel()
-        await asyncio.gather(stay, ui, return_exceptions=True)
+            if not task.cancelled():
+                task.exception()  # retrieved: the result above said what counts
         if session.conn is not None:
             await session.conn.close()
 
