@@ -32,7 +32,7 @@ from pathlib import Path
 
 from gateway import deploy
 from gateway.children import die_with_parent
-from tcpserver import cli
+from tcpserver import cli, settings
 
 log = logging.getLogger("gateway.demo")
 
@@ -227,7 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the demo until Ctrl-C or SIGTERM; return 0 after a clean stop, 1
     if a part could not start or died (the reason in one line)."""
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        settings.check_room(args.room)  # before Redis starts: a usage error, exit 2
+    except ValueError as exc:
+        parser.error(str(exc))
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     port = args.port or deploy.free_port()

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import select
 import selectors
 import time
@@ -47,6 +46,7 @@ from typing import Any, Callable
 from tcpserver import protocol, resp
 from tcpserver.redisscripts import ADOPT, PUBLISH
 from tcpserver.roomlog import RoomLog, new_epoch
+from tcpserver.settings import ROOM_NAME
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,6 @@ REPLY_SLACK = 5.0
 TURN_WAIT = 0.002
 # Entries taken per XREAD: bounds one reply's size.
 READ_COUNT = 1000
-# Room names go inside a hash tag ({ROOM}) in every key.
-_ROOM_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 # A number no room reaches: the payload is split around it.
 _SENTINEL = 10**15
 _SEQ_MARK = b'"seq":%d' % _SENTINEL
@@ -96,7 +94,7 @@ class RedisLog(RoomLog):
     def __init__(self, url: str, room: str, max_frame: int, recent: int,
                  retain: int = DEFAULT_RETAIN) -> None:
         super().__init__(max_frame, recent)
-        if not _ROOM_NAME.fullmatch(room):
+        if not ROOM_NAME.fullmatch(room):
             raise ValueError(f"the room name {room!r} is not 1-64 letters, digits, "
                              "'-', '_' or '.'")
         self.address = resp.RedisAddress(url)

@@ -6,6 +6,7 @@ import argparse
 import ipaddress
 import math
 import os
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -23,6 +24,9 @@ MEMORY_DB = ":memory:"
 # Events kept on disk: about 205-216 MB of 100-byte messages (README), enough
 # for months of a busy room; pruning keeps the file from growing past it.
 DEFAULT_RETAIN_EVENTS = 1_000_000
+# --room goes inside a Redis Cluster hash tag ({ROOM}) in every key, so it
+# may not hold braces; ':' separates the parts of a key.
+ROOM_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 def default_db_path() -> Path:
@@ -213,13 +217,23 @@ def trusted_networks(args: argparse.Namespace) -> tuple[IPNetwork, ...]:
         raise ValueError(f"--trusted-proxy: {exc}") from None
 
 
+def check_room(room: str) -> None:
+    """Raise ValueError naming --room unless ``room`` matches ROOM_NAME."""
+    if not ROOM_NAME.fullmatch(room):
+        raise ValueError(f"--room: the room name {room!r} is not 1-64 letters, digits, "
+                         "'-', '_' or '.'")
+
+
 def check_server_options(args: argparse.Namespace) -> None:
     """Check every server option a parser took (ranges, addresses, the
-    Redis URL) before anything starts; raise ValueError naming the option,
-    so a command line can report it as a usage error (exit 2)."""
+    Redis URL, the room name) before anything starts; raise ValueError
+    naming the option, so a command line can report it as a usage error
+    (exit 2).  --room is checked even without --redis: a bad value is
+    refused, never carried along unused."""
     limits = limits_from_args(args)
     trusted_networks(args)
     storage_from_args(args, limits)
+    check_room(args.room)
     if getattr(args, "redis", None):
         from tcpserver.resp import RedisAddress
 

@@ -86,6 +86,36 @@ def test_bad_server_option_values_are_one_usage_line(module, bad, tmp_path):
         assert not list(tmp_path.iterdir())  # nothing was started or created
 
 
+BAD_ROOMS = ["", "a:b", "{main}", "x" * 65]
+NO_REDIS = "--redis=redis://127.0.0.1:1/0"  # nothing listens on port 1
+ROOM_FORMS = [
+    (CHATROOM, ["--name=server", "--port=0", NO_REDIS]),
+    (CHATROOM, ["--port=0", NO_REDIS]),
+    (CHATROOM, ["--name=server", "--port=0"]),  # unused without --redis, still refused
+    (TCPSERVER, ["--name=server", "--port=0", NO_REDIS]),
+    (("-m", "gateway.demo"), ["--port=0"]),
+]
+
+
+@pytest.mark.parametrize("module, options", ROOM_FORMS,
+                         ids=[f"{m[1]} {' '.join(o)}" for m, o in ROOM_FORMS])
+@pytest.mark.parametrize("room", BAD_ROOMS, ids=["empty", "colon", "braces", "65-chars"])
+def test_a_bad_room_name_is_one_usage_line(module, options, room, tmp_path):
+    # Refused before anything starts, like every other bad value: before,
+    # a server got as far as Redis and exited 1 with a log line, and
+    # without --redis the value was taken without a word.
+    extra = [f"--state={tmp_path / 'demo'}"] if module[1] == "gateway.demo" else []
+    result = subprocess.run([sys.executable, *module, *options, f"--room={room}", *extra],
+                            capture_output=True, text=True, timeout=30, cwd=ROOT,
+                            stdin=subprocess.DEVNULL,
+                            env={**os.environ, "XDG_STATE_HOME": str(tmp_path)})
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and ": error: --room" in lines[0], result.stderr
+    assert "1-64 letters, digits" in lines[0]
+    assert result.stdout == "" and not list(tmp_path.iterdir())  # nothing started or created
+
+
 # (command, options, the options the error must name): each option is one
 # the chosen mode never reads, so taking it without a word misleads.
 MISPLACED = [
