@@ -287,10 +287,12 @@ def test_a_server_that_cannot_use_redis_exits_in_one_line(start_redis, tmp_path,
     room = "a}b" if how == "bad room name" else "main"
     server = Program(tmp_path, "-m", "tcpserver", "--name=server", "--port=0",
                      f"--redis={url}", f"--room={room}")
-    if how == "not a redis url":  # a usage error, refused before anything starts
+    if how != "unreachable":  # a usage error, refused before anything starts
         assert server.proc.wait(10) == 2
         lines = server.log_text().strip().splitlines()
-        assert len(lines) == 1 and "error: --redis: not a redis://" in lines[0], lines
+        expected = ("error: --redis: not a redis://" if how == "not a redis url"
+                    else "error: --room: the room name 'a}b' is not")
+        assert len(lines) == 1 and expected in lines[0], lines
     else:
         assert server.proc.wait(10) == 1
         lines = server.log_text().strip().splitlines()
