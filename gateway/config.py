@@ -182,9 +182,10 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     for option in ("max_sessions_per_ip", "max_frame", "queue_size", "workers"):
         if getattr(args, option) <= 0:
             raise ValueError(f"--{option.replace('_', '-')} must be positive")
-    for option in ("http_port", "chat_port"):
-        if not 0 <= getattr(args, option) <= 65535:
-            raise ValueError(f"--{option.replace('_', '-')} must be 0-65535")
+    if not 0 <= args.http_port <= 65535:
+        raise ValueError("--http-port must be 0-65535")
+    if not 1 <= args.chat_port <= 65535:  # 0 picks a port to listen on, not one to reach
+        raise ValueError("--chat-port must be 1-65535")
     return GatewayConfig(
         chat_host=args.chat_host,
         chat_port=args.chat_port,

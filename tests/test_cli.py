@@ -177,7 +177,7 @@ def test_given_options_are_those_on_the_command_line():
 BAD_GATEWAY_VALUES = ["--workers=0", "--workers=-2", "--queue-size=0",
                       "--max-sessions-per-ip=-1", "--max-frame=0",
                       "--trusted-proxy=garbage", "--allowed-origin=ftp://x",
-                      "--server-name=http://x:80"]
+                      "--server-name=http://x:80", "--chat-port=0"]
 
 
 @pytest.mark.parametrize("bad", BAD_GATEWAY_VALUES)
