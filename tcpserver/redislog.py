@@ -18,12 +18,15 @@ payloads, not frames: the length header is built by our one codec
 (``protocol.frame_payload``), identically on every node, not in Lua.
 
 Delivery: a second connection loops on ``XREAD BLOCK`` from the last entry
-delivered; entries are appended, byte for byte, to the in-memory mirror (the
-last ``recent`` events, loaded with ``XREVRANGE`` at start) and returned by
-the next ``commit`` for the room stream.  A member's own message therefore
-reaches it through Redis, in the same order as everyone else's.  History
-is served from the mirror (``--history-replay`` deep): older ``before``
-pages are not fetched from the stream.
+read; the next ``commit`` appends the entries read, byte for byte, to the
+in-memory mirror (the last ``recent`` events, loaded with ``XREVRANGE`` at
+start) and returns them for the room stream.  Until then ``last_seq`` and
+the mirror leave them out: a welcome or a history reply written in between
+ends before them, and the member gets them once, on the stream.  A
+member's own message therefore reaches it through Redis, in the same order
+as everyone else's.  History is served from the mirror
+(``--history-replay`` deep): older ``before`` pages are not fetched from
+the stream.
 
 Failures: a publish that fails (Redis down, an error) is handed back through
 ``take_failed`` and its sender is told ``room_unavailable``; ``degraded``
@@ -106,7 +109,9 @@ class RedisLog(RoomLog):
         # Loaded on every new connection before anything else is sent, so
         # EVALSHA meets NOSCRIPT only after a SCRIPT FLUSH.
         self.scripts = [self._publish, self._adopt_script]
-        self._delivered: list[bytes] = []
+        # (seq, frame) read from the stream, not yet handed out by commit.
+        self._delivered: list[tuple[int, bytes]] = []
+        self._read_seq = 0  # the last entry read from the stream
         self._failed: list[object] = []
         self._reset = False
         self._epoch_lost = False
@@ -149,7 +154,7 @@ class RedisLog(RoomLog):
                 break
             entries.append((seq, _frame(fields[1])))
         self._recent.extend(reversed(entries))
-        self._last_seq = entries[0][0] if entries else 0
+        self._last_seq = self._read_seq = entries[0][0] if entries else 0
         self._set_oldest(oldest)
 
     def _set_oldest(self, reply: Any) -> None:
@@ -210,7 +215,7 @@ class RedisLog(RoomLog):
         epoch, seq = reply
         # A seq behind what we delivered: Redis came back with old data
         # (e.g. a lost AOF tail), so its numbers would be given twice.
-        if epoch is None or epoch.decode() != self.epoch or int(seq or 0) < self._last_seq:
+        if epoch is None or epoch.decode() != self.epoch or int(seq or 0) < self._read_seq:
             self._lose_epoch()
         else:
             self._run_up_hooks()
@@ -234,7 +239,7 @@ class RedisLog(RoomLog):
         self._recent.clear()
         self._tail_cache = None
         self._chunks.clear()
-        self._last_seq = 0
+        self._last_seq = self._read_seq = 0
         self._published_upto = 0
         self._stream_first = None
         self._delivered.clear()
@@ -293,7 +298,12 @@ class RedisLog(RoomLog):
             self.flush()
             self._await_delivery()
         delivered, self._delivered = self._delivered, []
-        return delivered
+        for seq, frame in delivered:
+            if seq != self._last_seq + 1:
+                self._recent.clear()  # a gap (logged when read): restart the mirror
+            self._recent.append((seq, frame))
+            self._last_seq = seq
+        return [frame for _, frame in delivered]
 
     def _await_delivery(self) -> None:
         """Wait a moment (at most TURN_WAIT) for this turn's events to come
@@ -343,7 +353,7 @@ class RedisLog(RoomLog):
 
     def _read_next(self) -> None:
         streams = [self.key("stream"), *self.extra_streams]
-        ids = [f"0-{self._last_seq}", *(v[0] for v in self.extra_streams.values())]
+        ids = [f"0-{self._read_seq}", *(v[0] for v in self.extra_streams.values())]
         self.reader.command("XREAD", "COUNT", READ_COUNT, "BLOCK", BLOCK_MS, "STREAMS",
                             *streams, *ids, callback=self._on_read,
                             timeout=BLOCK_MS / 1000 + REPLY_SLACK)
@@ -370,20 +380,17 @@ class RedisLog(RoomLog):
     def _deliver(self, entries: list) -> None:
         for entry_id, fields in entries:
             seq = _seq_of(entry_id)
-            if seq <= self._last_seq:
+            if seq <= self._read_seq:
                 continue
-            if seq != self._last_seq + 1:
+            if seq != self._read_seq + 1:
                 # Trimmed away before we read it (a very slow node): the
-                # mirror must stay consecutive, so it restarts here.
+                # mirror must stay consecutive, so commit restarts it here.
                 log.warning("room log: events %d..%d were trimmed before this node read them",
-                            self._last_seq + 1, seq - 1)
-                self._recent.clear()
+                            self._read_seq + 1, seq - 1)
             if self._stream_first is None:
                 self._stream_first = seq  # the stream was empty when we looked
-            frame = _frame(fields[1])
-            self._recent.append((seq, frame))
-            self._delivered.append(frame)
-            self._last_seq = seq
+            self._delivered.append((seq, _frame(fields[1])))
+            self._read_seq = seq
         if entries:
             # The newest event's age as it is delivered: one look per read.
             payload = entries[-1][1][1]
@@ -403,7 +410,7 @@ class RedisLog(RoomLog):
     def settled(self) -> bool:
         if not (self.cmd.up and self.reader.up):
             return True  # nothing more will come back: do not wait
-        return self._publishing == 0 and self._last_seq >= self._published_upto
+        return self._publishing == 0 and self._read_seq >= self._published_upto
 
     def flush(self) -> None:
         for hook in self.flush_hooks:

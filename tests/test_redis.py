@@ -553,3 +553,82 @@ def test_a_member_of_a_killed_node_resumes_on_another_without_a_hung_up_leave(
     assert [m for m in later if m["type"] == "leave"] == []
     watcher.send({"type": "who"})
     assert watcher.recv_type("members")["members"] == ["alice@127.0.0.1", "watcher@127.0.0.1"]
+
+
+class Talker:
+    """A member saying something every ~millisecond in a thread, and
+    draining what it is sent, until ``stop()``."""
+
+    def __init__(self, port: int, name: str) -> None:
+        self.client = RawClient(port)
+        self.client.join(name)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        sock, n = self.client.sock, 0
+        while not self._stop.is_set():
+            self.client.send({"type": "say", "text": f"t{n}"})
+            n += 1
+            time.sleep(0.001)
+            sock.setblocking(False)
+            try:
+                while sock.recv(1 << 20):
+                    pass
+            except BlockingIOError:
+                pass
+            finally:
+                sock.setblocking(True)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.client.close()
+
+
+def test_a_welcome_amid_another_nodes_traffic_is_followed_by_each_event_once(
+        start_redis, node):
+    # Events this node has read from Redis but not yet put on its stream
+    # when a welcome is written: the welcome's last_seq (and its history)
+    # must not include them, or the newcomer gets them twice.
+    redis = start_redis()
+    a, b = node(redis), node(redis, "--msg-rate=2000", "--msg-burst=2000")
+    talker = Talker(b.port, "talker")
+    try:
+        for n in range(120):
+            client = RawClient(a.port)
+            try:
+                client.send({"type": "hello", "name": f"n{n}"})
+                welcome = client.recv_type("welcome")
+                history = [client.recv() for _ in range(welcome["history"])]
+                if history:
+                    assert history[-1]["seq"] == welcome["last_seq"]
+                _, live = client.recv_until(
+                    lambda m: m["type"] == "join" and m["member"] == welcome["label"])
+                seqs = [m["seq"] for m in live if "seq" in m]
+                assert seqs == list(range(welcome["last_seq"] + 1,
+                                          welcome["last_seq"] + 1 + len(seqs))), (n, seqs)
+            finally:
+                client.close()
+    finally:
+        talker.stop()
+
+
+def test_a_history_reply_amid_another_nodes_traffic_is_followed_by_no_event_twice(
+        start_redis, node, open_client):
+    redis = start_redis()
+    a, b = (node(redis, "--msg-rate=2000", "--msg-burst=2000") for _ in range(2))
+    reader = open_client(a.port, "reader")
+    talker = Talker(b.port, "talker")
+    try:
+        for n in range(300):
+            reader.send({"type": "history", "after": 0, "limit": 5})
+            reader.send({"type": "ping", "token": f"p{n}"})
+            header = reader.recv_type("history")
+            replayed = [reader.recv()["seq"] for _ in range(header["count"])]
+            _, after = reader.recv_until(lambda m: m.get("token") == f"p{n}")
+            streamed = [m["seq"] for m in after if "seq" in m]
+            assert not streamed or streamed[0] == replayed[-1] + 1, (n, replayed, streamed)
+    finally:
+        talker.stop()
