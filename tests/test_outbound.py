@@ -124,3 +124,109 @@ def test_a_private_frame_goes_at_once_with_the_presence_before_it(out, member):
         assert member.received() == b""  # nothing twice
     finally:
         other.close()
+
+
+def drain(out: Outbound, member: Member, now: float, turns: int = 10) -> bytes:
+    """Run ``turns`` loop turns at ``now``; what the member's peer got."""
+    got = b""
+    for _ in range(turns):
+        out.flush_all(now)
+        got += member.received()
+    return got
+
+
+def test_a_history_reply_keeps_its_place_among_lingering_joins(out, member):
+    """Joins published before a history request come before its reply,
+    joins after it come after the replayed events, lingering or not."""
+    for text in ("one", "two", "three"):
+        out.log.stage({"type": "message", "from": "a@h", "text": text, "ts": 1})
+    replayed = b"".join(out.log.commit())
+    out.publish([join(4)], T0)
+    out.flush_all(T0)
+    assert member.received() == b""
+    header = protocol.encode_frame({"type": "history", "after": 0, "count": 3, "missed": 0})
+    out.send(member.client, header, reply=True)
+    out.replay(member.client, 1, 3)
+    out.publish([join(5)], T0 + 0.001)
+    got = drain(out, member, T0 + 0.001)
+    assert got == join(4) + header + replayed + join(5)
+    out.flush_all(T0 + PRESENCE_LINGER)
+    assert member.received() == b""  # nothing twice
+    assert out.flush_due() is None
+
+
+def test_a_leaver_gets_the_lingering_joins_up_to_its_own_leave_then_fin(out, member):
+    other = Member(out)
+    try:
+        out.publish([join(1)], T0)
+        out.flush_all(T0)
+        out.leaving(member.client, T0)
+        member.client.closing = True
+        out.dirty.add(member.client)
+        leave = protocol.encode_frame({"type": "leave", "seq": 2, "member": "m@h",
+                                       "reason": "quit", "ts": 1})
+        out.publish([leave], T0 + 0.01)
+        out.end_leavers(T0 + 0.01)
+        out.publish([join(3)], T0 + 0.02)  # after its stream ended
+        out.flush_all(T0 + 0.02)
+        assert member.received() == join(1) + leave
+        assert member.peer.recv(1) == b""  # then its FIN, at once
+        assert other.received() == b""
+        out.flush_all(T0 + PRESENCE_LINGER)
+        assert other.received() == join(1) + leave + join(3)
+        assert out.flush_due() is None
+    finally:
+        other.close()
+
+
+def test_a_blocked_member_is_evicted_when_lingering_joins_take_it_over_the_limit():
+    limits = Limits(slow_reader_bytes=4000)
+    dropped = []
+    out = Outbound(selectors.DefaultSelector(), limits,
+                   MemoryLog(limits.max_frame, limits.history, 1000),
+                   drop=lambda client, reason: dropped.append(reason),
+                   internal_error=lambda client: None, input_ready=lambda client: None)
+    member = Member(out)
+    try:
+        member.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        n = 0
+        while not member.client.writing:  # fill the kernel's buffers
+            n += 1
+            out.publish([message(n)], T0)
+            out.flush_all(T0)
+        assert not dropped
+        now = T0
+        while out.stream.end - member.client.pos <= limits.slow_reader_bytes:
+            n += 1
+            now += 0.001
+            out.publish([join(n)], now)
+            out.flush_all(now)
+        out.flush_all(now + PRESENCE_LINGER)
+        assert dropped == ["slow_reader"]
+    finally:
+        member.close()
+        out.selector.close()
+
+
+def test_deliveries_count_the_members_each_frame_was_published_to(out, member):
+    out.publish([join(1)], T0)  # one member
+    late = Member(out)  # follows while join 1 lingers: it starts after it
+    try:
+        out.publish([join(2)], T0 + 0.01)
+        out.flush_all(T0 + PRESENCE_LINGER)
+        assert out.stats.delivered == 1 + 2
+        assert member.received() == join(1) + join(2)
+        assert late.received() == join(2)
+    finally:
+        late.close()
+
+
+def test_a_lingering_turn_that_served_a_reply_still_wakes_for_the_linger(out, member):
+    """Not a busy loop (0.0) and not a sleep past the linger (None)."""
+    out.publish([join(1)], T0)
+    out.send(member.client, protocol.encode_frame({"type": "pong"}), reply=True)
+    out.flush_all(T0)
+    assert out.flush_due() == pytest.approx(T0 + PRESENCE_LINGER)
+    out.flush_all(T0 + PRESENCE_LINGER)
+    assert out.flush_due() is None
+    assert out.stream.buffered == 0  # trimmed once every member had it
