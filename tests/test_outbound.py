@@ -6,6 +6,8 @@ import selectors
 import socket
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tcpserver import protocol
 from tcpserver.client_state import Client
@@ -230,3 +232,134 @@ def test_a_lingering_turn_that_served_a_reply_still_wakes_for_the_linger(out, me
     out.flush_all(T0 + PRESENCE_LINGER)
     assert out.flush_due() is None
     assert out.stream.buffered == 0  # trimmed once every member had it
+
+
+_KINDS = {
+    "join": join,
+    "message": message,
+    "big": lambda n: protocol.encode_frame({"type": "message", "seq": n, "from": "a@h",
+                                            "text": "x" * 3000, "ts": 1}),
+    "presence": presence,
+    "leave": lambda n: protocol.encode_frame({"type": "leave", "seq": n, "member": "m@h",
+                                              "reason": "quit", "ts": 1}),
+}
+_turns = st.lists(st.tuples(
+    st.sampled_from(["join", "message", "big", "presence", "leave", "none", "none"]),
+    st.sampled_from(["none", "none", "follow", "private", "reply", "quit"]),
+    st.integers(0, 5),  # which member
+    st.sampled_from([0.0, 0.001, 0.01, 0.03, 0.049, 0.05, 0.2])),  # time since the last turn
+    max_size=40)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_turns)
+def test_every_member_gets_its_stream_and_frames_once_in_order_and_on_time(turns):
+    """Random turns as the server runs them (requests, publish, end the
+    leavers' streams, flush): each member gets exactly the room bytes from
+    its join to its leave with its own frames at their places, anything
+    but presence in the turn it was published, presence within
+    PRESENCE_LINGER, and a quitter its FIN.  One more member reads nothing
+    until the end through small buffers: what it missed meanwhile must
+    still be held for it (not trimmed)."""
+    limits = Limits()
+    out = Outbound(selectors.DefaultSelector(), limits,
+                   MemoryLog(limits.max_frame, limits.history, 1000),
+                   drop=lambda client, reason: pytest.fail(f"dropped: {reason}"),
+                   internal_error=lambda client: pytest.fail("internal error"),
+                   input_ready=lambda client: None)
+    slow = Member(out)
+    slow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    slow.peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    members: list[Member] = []
+    expected: dict[Member, list] = {slow: [("room", 0)]}  # ("room", start) /
+    got: dict[Member, bytes] = {slow: b""}  # ("frame", bytes) / ("stop", end)
+    room = bytearray()  # every byte published, untrimmed
+    now, seq = T0, 0
+    oldest_unsent = None  # when the oldest room bytes not sent to all were published
+    try:
+        for kind, action, index, dt in [("none", "follow", 0, 0.0), *turns]:
+            now += dt
+            live = [m for m in members if not m.client.closing]
+            target = live[index % len(live)] if live else None
+            if target is None:
+                action = "follow"
+            private = set()
+            if action == "follow":
+                member = Member(out)
+                members.append(member)
+                expected[member] = [("room", out.stream.end)]
+                got[member] = b""
+            elif action in ("private", "reply"):
+                frame = protocol.encode_frame({"type": "pong", "token": f"{seq}"})
+                out.send(target.client, frame, reply=action == "reply")
+                expected[target] += [("room", out.stream.end), ("frame", frame)]
+                private.add(target)
+            elif action == "quit":
+                out.leaving(target.client, now)
+                target.client.closing = True
+                out.dirty.add(target.client)
+                kind = "leave"
+            frames = []
+            if kind != "none":
+                seq += 1
+                frames.append(_KINDS[kind](seq))
+            if frames and oldest_unsent is None:
+                oldest_unsent = now
+            out.publish(frames, now)
+            room.extend(b"".join(frames))
+            urgent = kind in ("message", "big")
+            out.end_leavers(now)
+            if action == "quit":
+                expected[target].append(("stop", out.stream.end))
+                private.add(target)
+            out.flush_all(now)
+            due = out.flush_due()
+            assert due != 0.0, "a busy loop: nothing left to do at once"
+            everyone = urgent or (oldest_unsent is not None
+                                  and now >= oldest_unsent + PRESENCE_LINGER)
+            if everyone:
+                oldest_unsent = None
+                assert due is None
+            for member in members:
+                if member.client.fin_sent and not member.client.closing:
+                    pytest.fail("FIN to a member that stays")
+                got[member] += member.received()
+                if everyone or member in private:
+                    # Nothing of its own left unsent, nor room bytes.
+                    assert got[member] == _bytes(room, expected[member]), member
+        now += PRESENCE_LINGER
+        out.flush_all(now)
+        assert out.flush_due() is None
+        for member in members:
+            got[member] += member.received()
+            assert got[member] == _bytes(room, expected[member])
+            if member.client.closing:
+                assert member.client.fin_sent
+        for _ in range(len(room)):  # it reads at last; EVENT_WRITE sends the rest
+            data = slow.received()
+            got[slow] += data
+            if slow.client.writing:
+                out.flush(slow.client)
+            elif not data or len(got[slow]) > len(room):
+                break
+        assert got[slow] == bytes(room)
+    finally:
+        for member in [slow, *members]:
+            member.close()
+        out.selector.close()
+
+
+def _bytes(stream: bytes, plan: list) -> bytes:
+    """What ``plan`` (a member's join, frames, stop) says it should have
+    received once sent everything, ``stream`` being every room byte."""
+    result, pos = b"", None
+    for step, value in plan:
+        if step == "room":
+            if pos is not None and value > pos:
+                result += stream[pos:value]
+            pos = value if pos is None else max(pos, value)
+        elif step == "frame":
+            result += value
+        else:
+            return result + stream[pos:value]
+    return result + stream[pos:]
