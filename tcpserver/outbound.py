@@ -132,6 +132,10 @@ class Outbound:
             client.hold_at = self.stream.end
 
     def broadcast(self, frame: bytes) -> None:
+        # A frame of the server's own (a member count, the shutdown notice)
+        # starts no linger: time 0 puts its end in the past.  A count is
+        # already paced (PRESENCE_INTERVAL) and, being presence, does not
+        # hurry joins and leaves that linger.
         self.publish([frame], 0.0)
 
     def follow(self, client: Client) -> None:
