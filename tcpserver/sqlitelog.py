@@ -123,7 +123,8 @@ class SqliteLog(RoomLog):
             row = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
             self.fresh = row is None
             self.epoch = new_epoch() if row is None else row[0]
-            last = db.execute("SELECT MAX(seq) FROM events").fetchone()[0] or 0
+            first, last = db.execute(_BOUNDS).fetchone()
+            self._last_seq = last = last or 0
             if seen is not None and seen[0] == self.epoch and seen[1] > last:
                 log.warning("room log: %s holds events up to seq %d, but members may have "
                             "seen up to %d (restored from a backup, or a power loss took "
@@ -137,8 +138,6 @@ class SqliteLog(RoomLog):
                        (f"pid {os.getpid()} at {opened}",))
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             db.execute("COMMIT")
-            first, last = db.execute(_BOUNDS).fetchone()
-            self._last_seq = last or 0
             self._db_first = first if first is not None else self._last_seq + 1
             start = max(self._db_first, self._last_seq - self._recent.maxlen + 1)
             self._recent.extend(db.execute(_TAIL, (start,)))
