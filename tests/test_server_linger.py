@@ -72,6 +72,36 @@ class Counter:
         self._thread.join(5)
 
 
+def assert_storm_then_message(watcher: RawClient, names: list[str], sent: float) -> None:
+    """``watcher`` gets the joins of ``names``, then a message said at
+    ``sent`` (monotonic s), within a second: whole, in order, seqs
+    consecutive."""
+    msg, before = watcher.recv_until(lambda m: m["type"] == "message", timeout=1.0)
+    assert time.monotonic() - sent < 1.0
+    joins = [m for m in before if m["type"] == "join"]
+    assert [m["member"] for m in joins] == [f"{n}@127.0.0.1" for n in names]
+    seqs = [m["seq"] for m in joins] + [msg["seq"]]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+
+
+def assert_sigterm_delivers_every_join_then_the_notice(server, open_client,
+                                                       prefix: str) -> None:
+    """Twenty joins, the last still lingering when SIGTERM comes: every
+    member gets every join after its own (read by join()), none twice or
+    missed, then the shutdown notice and the close; the server exits 0."""
+    members = [open_client(server.port, "first")]
+    names = [f"{prefix}{i}" for i in range(20)]
+    for name in names:
+        members.append(open_client(server.port, name))
+    server.proc.send_signal(signal.SIGTERM)
+    for index, member in enumerate(members):
+        notice, before = member.recv_until(lambda m: m["type"] == "shutdown", timeout=3)
+        seen = [m["member"] for m in before if m["type"] == "join"]
+        assert seen == [f"{n}@127.0.0.1" for n in names[index:]]
+        assert member.closed_by_server(3)
+    assert server.proc.wait(5) == 0
+
+
 def test_a_join_storm_then_a_message_arrive_whole_in_order_within_a_second(server,
                                                                              open_client):
     watcher = open_client(server.port, "watcher")
@@ -80,12 +110,7 @@ def test_a_join_storm_then_a_message_arrive_whole_in_order_within_a_second(serve
     try:
         sent = time.monotonic()
         joiners[-1].send({"type": "say", "text": "after the storm"})
-        msg, before = watcher.recv_until(lambda m: m["type"] == "message", timeout=1.0)
-        assert time.monotonic() - sent < 1.0
-        joins = [m for m in before if m["type"] == "join"]
-        assert [m["member"] for m in joins] == [f"{n}@127.0.0.1" for n in names]
-        seqs = [m["seq"] for m in joins] + [msg["seq"]]
-        assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+        assert_storm_then_message(watcher, names, sent)
     finally:
         for joiner in joiners:
             joiner.close()
@@ -172,19 +197,7 @@ def test_a_join_storm_costs_a_member_a_few_sends(server, open_client):
 def test_sigterm_after_a_join_storm_delivers_every_join_then_the_notice(start_server,
                                                                           open_client):
     server = start_server("--max-per-ip=200", "--shutdown-grace=3")
-    members = [open_client(server.port, "first")]
-    names = [f"m{i}" for i in range(20)]
-    for name in names:
-        members.append(open_client(server.port, name))
-    # The last joins still linger when the signal comes.
-    server.proc.send_signal(signal.SIGTERM)
-    for index, member in enumerate(members):
-        notice, before = member.recv_until(lambda m: m["type"] == "shutdown", timeout=3)
-        seen = [m["member"] for m in before if m["type"] == "join"]
-        # Every join after its own (read by join()), none twice or missed.
-        assert seen == [f"{n}@127.0.0.1" for n in names[index:]]
-        assert member.closed_by_server(3)
-    assert server.proc.wait(5) == 0
+    assert_sigterm_delivers_every_join_then_the_notice(server, open_client, "m")
 
 
 def test_a_quitter_gets_the_lingering_joins_before_its_own_leave_then_fin(server,
@@ -233,13 +246,7 @@ def test_with_redis_a_storm_on_two_nodes_then_a_message_arrive_whole_in_order(
         sent = time.monotonic()
         joiners[-1].send({"type": "say", "text": "after the storm"})
         for watcher in watchers:
-            msg, before = watcher.recv_until(lambda m: m["type"] == "message",
-                                             timeout=1.0)
-            assert time.monotonic() - sent < 1.0
-            joins = [m for m in before if m["type"] == "join"]
-            assert [m["member"] for m in joins] == [f"{n}@127.0.0.1" for n in names]
-            seqs = [m["seq"] for m in joins] + [msg["seq"]]
-            assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+            assert_storm_then_message(watcher, names, sent)
     finally:
         for joiner in joiners:
             joiner.close()
@@ -261,14 +268,4 @@ def test_with_redis_sigterm_after_a_join_storm_delivers_every_join_then_the_noti
         start_redis, start_server, open_client):
     redis = start_redis()
     a = start_server("--max-per-ip=200", f"--redis={redis.url}", "--shutdown-grace=3")
-    members = [open_client(a.port, "first")]
-    names = [f"q{i}" for i in range(20)]
-    for name in names:
-        members.append(open_client(a.port, name))
-    a.proc.send_signal(signal.SIGTERM)
-    for index, member in enumerate(members):
-        notice, before = member.recv_until(lambda m: m["type"] == "shutdown", timeout=3)
-        seen = [m["member"] for m in before if m["type"] == "join"]
-        assert seen == [f"{n}@127.0.0.1" for n in names[index:]]
-        assert member.closed_by_server(3)
-    assert a.proc.wait(5) == 0
+    assert_sigterm_delivers_every_join_then_the_notice(a, open_client, "q")
